@@ -1,0 +1,89 @@
+"""Core overheads and savings, all measured in one run against FullKV on the same machine.
+
+1. patched ``fullkv`` ÷ unpatched model: prefill time and TPOT (the patch's own cost; goal within 3%);
+2. snapkv / pyramidkv / h2o prefill ÷ fullkv at 4k tokens (the scoring cost; goal ≤ 5%);
+3. TPOT snapkv(C=256) ÷ fullkv at 8k tokens (goal ≤ 0.5);
+4. KV bytes ÷ fullkv (goal = C / n).
+
+``python benchmarks/core_speed_memory.py [--model_path smollm2-135m] [--short]`` (``--short`` for a quick look).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import kvfactory  # noqa: E402
+from kvfactory.benchmarks.passkey import make_passkey_sample  # noqa: E402
+from kvfactory.benchmarks.speed import SpeedResult, measure  # noqa: E402
+
+
+def prompt(tokenizer, length: int) -> torch.Tensor:
+    return torch.tensor([make_passkey_sample(tokenizer, length, 0.5).input_ids])
+
+
+def run(model, ids: torch.Tensor, method: str, new_tokens: int, repeats: int, warmup: int, **params) -> SpeedResult:
+    if method == "unpatched":
+        return measure(model, ids, method=method, new_tokens=new_tokens, repeats=repeats, warmup=warmup)
+    with kvfactory.patch(model, method, **params):
+        return measure(model, ids, method=method, new_tokens=new_tokens, repeats=repeats, warmup=warmup)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model_path", default="smollm2-135m")
+    parser.add_argument("--budget", type=int, default=256, help="C for the compressed methods")
+    parser.add_argument("--short", action="store_true", help="1k/2k/2k instead of 2k/4k/8k, one repeat")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model, tokenizer = kvfactory.models.load(args.model_path, attn_implementation="sdpa")
+    overhead_length, prefill_length, decode_length = (1024, 2048, 2048) if args.short else (2048, 4096, 8192)
+    repeats = 1 if args.short else 3
+    rows: list[SpeedResult] = []
+
+    ids = prompt(tokenizer, overhead_length)
+    baseline = [run(model, ids, "unpatched", 32, 1, 1)]
+    patched = [run(model, ids, "fullkv", 32, 1, 0)]
+    for _ in range(repeats - 1):  # interleaved, so drift hits both sides alike
+        baseline.append(run(model, ids, "unpatched", 32, 1, 0))
+        patched.append(run(model, ids, "fullkv", 32, 1, 0))
+    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    print(f"[1] {overhead_length} tokens, {repeats} interleaved runs")
+    prefill_ratio = median([p.prefill_seconds for p in patched]) / median([b.prefill_seconds for b in baseline])
+    tpot_ratio = median([p.tpot_seconds for p in patched]) / median([b.tpot_seconds for b in baseline])
+    print(f"    patched fullkv / unpatched: prefill {prefill_ratio:.3f}, TPOT {tpot_ratio:.3f}")
+    rows += baseline + patched
+
+    ids = prompt(tokenizer, prefill_length)
+    full = run(model, ids, "fullkv", 4, repeats, 1)
+    rows.append(full)
+    print(f"[2] prefill at {ids.shape[1]} tokens, fullkv {full.prefill_seconds:.2f} s")
+    for method in ("snapkv", "pyramidkv", "h2o"):
+        result = run(model, ids, method, 4, repeats, 0, max_capacity_prompt=args.budget)
+        rows.append(result)
+        print(f"    {method:<10} prefill / fullkv {result.prefill_seconds / full.prefill_seconds:.3f}"
+              f"   bytes / fullkv {result.prefill_cache_bytes / full.prefill_cache_bytes:.4f}"
+              f"   kept {result.kept_tokens:.0f}/{ids.shape[1]} (C/n = {args.budget / ids.shape[1]:.4f})")
+
+    ids = prompt(tokenizer, decode_length)
+    full = run(model, ids, "fullkv", 16, 1, 0)
+    snap = run(model, ids, "snapkv", 16, 1, 0, max_capacity_prompt=args.budget)
+    rows += [full, snap]
+    print(f"[3] decode at {ids.shape[1]} tokens: TPOT fullkv {full.tpot_seconds * 1000:.1f} ms, snapkv(C={args.budget}) "
+          f"{snap.tpot_seconds * 1000:.1f} ms, ratio {snap.tpot_seconds / full.tpot_seconds:.3f}")
+    print(f"[4] KV bytes snapkv / fullkv after prefill at {ids.shape[1]}: "
+          f"{snap.prefill_cache_bytes / full.prefill_cache_bytes:.4f} (C/n = {args.budget / ids.shape[1]:.4f}); "
+          f"after 15 decode steps (append headroom included): {snap.cache_bytes / full.cache_bytes:.4f}")
+    if args.json:
+        args.json.write_text(json.dumps([r.as_row() for r in rows], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

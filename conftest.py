@@ -1,0 +1,1 @@
+"""Repository-root conftest: makes `kvfactory` importable from a plain checkout."""

@@ -1,0 +1,64 @@
+"""Llama adapter (``LlamaForCausalLM``, transformers 4.44.2): q/k/v projections, RoPE, output projection."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
+
+from kvfactory.architectures.base import (
+    ArchitectureAdapter, merge_heads, split_heads, warn_attention_weights_unavailable,
+)
+
+if TYPE_CHECKING:
+    from kvfactory.patching import PatchHandle
+
+
+class LlamaAdapter(ArchitectureAdapter):
+    """Llama-style attention: separate q/k/v projections, rotary on the full head, ``o_proj``.
+
+    ``pretraining_tp > 1`` (sliced projections) is computed as one plain linear layer: the same function.
+    """
+
+    model_classes = ("LlamaForCausalLM",)
+
+    def project(
+        self, module: nn.Module, hidden_states: torch.Tensor, position_ids: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Post-RoPE ``q (B, Hq, n, d)`` and ``k, v (B, Hkv, n, d)``."""
+        queries = split_heads(module.q_proj(hidden_states), module.num_heads, module.head_dim)
+        keys = split_heads(module.k_proj(hidden_states), module.num_key_value_heads, module.head_dim)
+        values = split_heads(module.v_proj(hidden_states), module.num_key_value_heads, module.head_dim)
+        cos, sin = position_embeddings if position_embeddings is not None else module.rotary_emb(values, position_ids)
+        queries, keys = apply_rotary_pos_emb(queries, keys, cos, sin)
+        return queries, keys, values
+
+    def rotate(self, module: nn.Module, states: torch.Tensor, positions: torch.Tensor, inverse: bool = False
+               ) -> torch.Tensor:
+        batch, heads, length, head_dim = states.shape
+        flat = positions.clamp_min(0).reshape(batch * heads, length).long()
+        cos, sin = module.rotary_emb(states, flat)
+        cos = cos.view(batch, heads, length, head_dim)
+        sin = sin.view(batch, heads, length, head_dim)
+        return states * cos + rotate_half(states) * (-sin if inverse else sin)
+
+    def make_attention_forward(self, handle: "PatchHandle", module: nn.Module, layer_idx: int) -> Callable[..., Any]:
+        def forward(
+            hidden_states: torch.Tensor,
+            attention_mask: torch.Tensor | None = None,
+            position_ids: torch.LongTensor | None = None,
+            past_key_value: Any = None,
+            output_attentions: bool = False,
+            use_cache: bool = False,
+            cache_position: torch.LongTensor | None = None,
+            position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+            **kwargs: Any,
+        ) -> tuple[torch.Tensor, None, Any]:
+            warn_attention_weights_unavailable(output_attentions)
+            queries, keys, values = self.project(module, hidden_states, position_ids, position_embeddings)
+            output = handle.attend_layer(layer_idx, queries, keys, values, position_ids)
+            return module.o_proj(merge_heads(output)), None, past_key_value
+
+        return forward

@@ -1,0 +1,372 @@
+"""``CompressedCache``: a ``transformers.Cache`` holding each layer's kept keys/values at KV-head granularity.
+
+Two lengths are kept apart:
+
+- the **logical** length (tokens seen): what ``get_seq_length()`` answers, so ``generate()``'s ``cache_position``,
+  ``position_ids`` and therefore RoPE stay right after eviction;
+- the **physical** length per layer (slots held): what attention runs over and what memory costs.
+
+The patched attention of every layer calls :meth:`CompressedCache.forward_layer`: the first call of a layer is its
+prefill (attention over the full prompt, then the method compresses what is stored); later calls append, attend over
+the physical cache and, with a ``decode_budget``, re-apply the method so the cache stays within budget.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterator
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache
+
+from kvfactory.attention import AttentionSpec, attend
+from kvfactory.methods.base import Compressor, Kept, gather_tokens
+from kvfactory.methods.scoring import reduce_groups
+from kvfactory.storage.base import DenseStorage, StorageFactory
+from kvfactory.storage.dense import StoreRow
+from kvfactory.storage.ragged import RaggedStore
+
+logger = logging.getLogger(__name__)
+
+SCORES = "scores"  # the per-slot accumulator of methods that need decode attention (H2O)
+
+
+class CompressedCache(Cache):
+    """Per-layer compressed KV storage for a patched model (created by ``kvfactory.patch``; see ``PatchHandle``)."""
+
+    def __init__(self, method: Compressor, num_layers: int, spec: AttentionSpec,
+                 storage: StorageFactory | None = None) -> None:
+        super().__init__()
+        self.method = method
+        self.storage = storage or DenseStorage()
+        self.num_layers = num_layers
+        self.spec = spec
+        self.stores: list[Any] = [None] * num_layers  # DenseStore or another storage's store
+        self.query_windows: list[torch.Tensor | None] = [None] * num_layers
+        self.prefill_kept: list[list[int]] = [[] for _ in range(num_layers)]  # per layer, per sample
+        self.num_query_heads = 0  # known at the first prefill
+        self._seen_tokens = 0
+        self.sample_lengths: list[int] | None = None  # real (non-padding) tokens seen by each sample
+        self.step_valid: torch.Tensor | None = None  # (B, n) validity of the tokens of the forward in flight
+        self._step_counts: list[int] = []
+        self._step_tokens = 0
+
+    # -- transformers' Cache interface -------------------------------------------------------------------------
+    def get_seq_length(self, layer_idx: int | None = 0) -> int:
+        """The logical length: every token this cache has seen, evicted ones included."""
+        return self._seen_tokens
+
+    def get_max_length(self) -> int | None:
+        return None
+
+    def get_usable_length(self, new_seq_length: int, layer_idx: int | None = 0) -> int:
+        return self._seen_tokens
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):  # type: ignore[override]
+        raise RuntimeError(
+            "CompressedCache is filled by kvfactory's patched attention; an unpatched attention called update(). "
+            "Was the patch removed while this cache was still in use?"
+        )
+
+    def __len__(self) -> int:
+        return sum(store is not None for store in self.stores)
+
+    def __getitem__(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        store = self.stores[layer_idx]
+        if store is None:
+            raise KeyError(f"layer {layer_idx} holds nothing yet")
+        return store.keys, store.values
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for store in self.stores:
+            if store is not None:
+                yield store.keys, store.values
+
+    def to_legacy_cache(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        return tuple(self)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        for layer_idx, store in enumerate(self.stores):
+            if store is not None:
+                store.reorder(beam_idx.to(store.keys.device))
+            window = self.query_windows[layer_idx]
+            if window is not None:
+                self.query_windows[layer_idx] = window.index_select(0, beam_idx.to(window.device))
+
+    # -- steps (driven by the patched decoder stack) -------------------------------------------------------------
+    def begin_step(self, batch_size: int, new_tokens: int, valid: torch.Tensor | None) -> None:
+        """A forward of ``new_tokens`` per sample starts; ``valid (B, n)`` marks real tokens (None: all real)."""
+        if self.sample_lengths is not None and len(self.sample_lengths) != batch_size:
+            raise ValueError(f"this cache holds a batch of {len(self.sample_lengths)}, the input has {batch_size}")
+        self.step_valid = valid
+        self._step_tokens = new_tokens
+        self._step_counts = [new_tokens] * batch_size if valid is None else valid.sum(dim=1).tolist()
+
+    def end_step(self, committed: bool) -> None:
+        """The forward finished (``committed``) or failed: advance the logical lengths only in the first case."""
+        if committed:
+            self._seen_tokens += self._step_tokens
+            previous = self.sample_lengths or [0] * len(self._step_counts)
+            self.sample_lengths = [a + b for a, b in zip(previous, self._step_counts)]
+        self.step_valid = None
+        self._step_counts = []
+
+    def _lengths_after_step(self) -> list[int]:
+        previous = self.sample_lengths or [0] * len(self._step_counts)
+        return [a + b for a, b in zip(previous, self._step_counts)]
+
+    # -- reuse of a compressed context (query-agnostic evaluation) ---------------------------------------------
+    def mark(self) -> dict[str, Any]:
+        """Remember the current contents so :meth:`rollback` can drop everything appended afterwards."""
+        layers = []
+        for store, window in zip(self.stores, self.query_windows):
+            extras = {} if store is None or isinstance(store, RaggedStore) else {
+                name: store.extra(name).clone() for name in store.extra_names}
+            layers.append((store, None if store is None else store.length, extras,
+                           None if window is None else window.clone()))
+        return {"seen": self._seen_tokens, "samples": list(self.sample_lengths or []), "layers": layers}
+
+    def rollback(self, mark: dict[str, Any]) -> None:
+        """Return to ``mark``: appended question/answer tokens are dropped, the compressed context stays."""
+        for layer_idx, (store, length, extras, window) in enumerate(mark["layers"]):
+            if self.stores[layer_idx] is not store:
+                raise RuntimeError("the cache was re-compressed after mark() (decode_budget reached): cannot roll back; "
+                                   "use a decode_budget larger than context + question + answer")
+            if store is not None:
+                store.truncate(length)
+                for name, values in extras.items():
+                    store.extra(name).copy_(values)
+            self.query_windows[layer_idx] = window
+        self._seen_tokens = mark["seen"]
+        self.sample_lengths = list(mark["samples"]) or None
+
+    # -- what a cache holds ------------------------------------------------------------------------------------
+    def kept_tokens(self) -> list[int]:
+        """Physical slots per layer (for a batch: the padded row length)."""
+        return [0 if store is None else store.length for store in self.stores]
+
+    def mean_kept_tokens(self) -> list[float]:
+        """Mean tokens held per KV head, per layer (ragged storage: heads differ; padding not counted)."""
+        result = []
+        for store in self.stores:
+            if store is None:
+                result.append(0.0)
+            elif isinstance(store, RaggedStore):
+                result.append(sum(store.kept_per_sample()) / len(store.kept_per_sample()))
+            else:
+                result.append(float(store.length if store.valid is None else store.valid.sum(1).float().mean()))
+        return result
+
+    def kept_positions(self, layer_idx: int) -> torch.Tensor:
+        """Original positions of the kept tokens ``(B, Hkv, T)`` int32 (-1 marks padding slots)."""
+        store = self.stores[layer_idx]
+        if store is None:
+            raise KeyError(f"layer {layer_idx} holds nothing yet")
+        return store.positions
+
+    def nbytes(self) -> int:
+        """Every byte held: keys, values, positions, validity, per-slot state, decode query windows."""
+        total = sum(store.nbytes() for store in self.stores if store is not None)
+        return total + sum(w.untyped_storage().nbytes() for w in self.query_windows if w is not None)
+
+    # -- the patched attention's entry point -------------------------------------------------------------------
+    def forward_layer(
+        self,
+        layer_idx: int,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> torch.Tensor:
+        """Attend the new tokens of ``layer_idx`` and update its storage. ``positions`` is ``(B, n)``."""
+        valid = None if self.step_valid is None else self.step_valid.to(keys.device)
+        store = self.stores[layer_idx]
+        if store is None:
+            self.num_query_heads = queries.shape[1]
+            output, lse = attend(
+                queries, keys, values, self.spec, key_valid=valid, query_valid=valid,
+                query_positions=positions, key_positions=positions[:, None, :].expand(-1, keys.shape[1], -1),
+                need_lse=self.method.uses_attention_lse,
+            )
+            self._prefill(layer_idx, queries, keys, values, positions, valid, lse)
+            return output
+        store.append(keys, values, positions, valid)
+        needs_weights = self.method.needs_decode_attention
+        if isinstance(store, RaggedStore):
+            output, weights = store.attend(queries, self.spec, query_valid=valid, query_positions=positions)
+        else:
+            output, weights = attend(
+                queries, store.keys, store.values, self.spec, key_valid=store.valid, query_valid=valid,
+                query_positions=positions, key_positions=store.positions, need_weights=needs_weights,
+            )
+        if needs_weights:
+            assert weights is not None
+            if valid is not None:
+                weights = weights * valid[:, None, None, :, None]
+            store.add_to_extra(SCORES, reduce_groups(weights.sum(dim=3), self.method.gqa_score_agg))  # type: ignore[attr-defined]
+        self._remember_queries(layer_idx, queries)
+        self._hold_decode_budget(layer_idx)
+        return output
+
+    # -- internals ---------------------------------------------------------------------------------------------
+    def _prefill(self, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                 positions: torch.Tensor, valid: torch.Tensor | None, lse: torch.Tensor | None = None) -> None:
+        if getattr(self.method, "headwise", False):
+            self._prefill_headwise(layer_idx, queries, keys, values, positions, valid)
+            return
+        if valid is None:
+            rows = [self._compress_row(layer_idx, queries, keys, values, positions, lse)]
+        else:  # each sample is compressed alone, on its real tokens: padding never scores and is never kept
+            rows = []
+            for b in range(keys.shape[0]):
+                real = valid[b].nonzero().flatten()
+                rows.append(self._compress_row(
+                    layer_idx, queries[b : b + 1].index_select(2, real), keys[b : b + 1].index_select(2, real),
+                    values[b : b + 1].index_select(2, real), positions[b : b + 1].index_select(1, real),
+                    None if lse is None else lse[b : b + 1].index_select(2, real),
+                ))
+        self.stores[layer_idx] = self.storage.build(layer_idx, rows)
+        self.prefill_kept[layer_idx] = [row.keys.shape[-2] for row in rows for _ in range(row.keys.shape[0])]
+        window = self.method.query_window_size
+        if window:
+            self.query_windows[layer_idx] = queries[..., -window:, :].clone()
+
+    def _prefill_headwise(self, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                          positions: torch.Tensor, valid: torch.Tensor | None) -> None:
+        """Head-wise methods keep a different number of tokens per head: ragged storage, no padding anywhere."""
+        heads = keys.shape[1]
+        if valid is None:
+            parts = [(queries, keys, values, positions)]
+        else:
+            parts = []
+            for b in range(keys.shape[0]):
+                real = valid[b].nonzero().flatten()
+                parts.append((queries[b : b + 1].index_select(2, real), keys[b : b + 1].index_select(2, real),
+                              values[b : b + 1].index_select(2, real), positions[b : b + 1].index_select(1, real)))
+        stores = []
+        for part_queries, part_keys, part_values, part_positions in parts:
+            keep = self.method.select_mask(part_queries, part_keys, part_values, layer_idx=layer_idx,  # type: ignore[attr-defined]
+                                           num_layers=self.num_layers)
+            stores.append(RaggedStore.from_mask(part_keys, part_values,
+                                                part_positions[:, None, :].expand(-1, heads, -1), keep))
+        store = stores[0] if len(stores) == 1 else RaggedStore.concat(stores)
+        self.stores[layer_idx] = store
+        self.prefill_kept[layer_idx] = [round(k) for k in store.kept_per_sample()]
+        window = self.method.query_window_size
+        if window:
+            self.query_windows[layer_idx] = queries[..., -window:, :].clone()
+
+    def _hold_headwise_budget(self, layer_idx: int, store: RaggedStore, budget: int) -> None:
+        """Re-apply a head-wise method to each sample holding more than ``Hkv × capacity`` tokens (on a padded view
+        cropped to that sample); the other samples keep everything, and the tail is folded into the prefix."""
+        interval = getattr(self.method, "compress_interval", 1)
+        heads = store.lengths.shape[1]
+        totals = store.head_lengths().sum(-1).tolist()
+        lengths = self._lengths_after_step()
+        capacities = [self.method.capacity(layer_idx, self.num_layers, length, budget) for length in lengths]
+        targets = [self.method.layer_token_budget(  # type: ignore[attr-defined]
+            cap, layer_idx, self.num_layers, self.num_query_heads, heads) for cap in capacities]
+        over = [b for b, (total, target) in enumerate(zip(totals, targets)) if total > target]
+        if store.tail.length < interval or not over:
+            return
+        keys, values, positions, valid = store.padded()
+        keep = valid.clone()
+        window = self.query_windows[layer_idx]
+        for b in over:
+            start = keys.shape[2] - int(store.head_lengths()[b].max())
+            row = (slice(b, b + 1), slice(None), slice(start, None))
+            queries = keys[row][..., -1:, :] if window is None else window[b : b + 1]
+            keep[row] = self.method.select_mask(  # type: ignore[attr-defined]
+                queries, keys[row], values[row], layer_idx=layer_idx, num_layers=self.num_layers,
+                capacity=capacities[b], key_valid=valid[row],
+            )
+        self.stores[layer_idx] = RaggedStore.from_mask(keys, values, positions, keep)
+
+    def _compress_row(self, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                      positions: torch.Tensor, lse: torch.Tensor | None) -> StoreRow:
+        """Compress one batch row (or a whole unpadded batch) of a prompt."""
+        kept = self.method.compress_tokens(queries, keys, values, layer_idx=layer_idx, num_layers=self.num_layers,
+                                           attention_lse=lse)
+        return self._row(kept, positions[:, None, :].expand(-1, keys.shape[1], -1), queries, keys, lse)
+
+    def _row(self, kept: Kept, positions: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor,
+             lse: torch.Tensor | None) -> StoreRow:
+        """Store the kept tokens with their positions (and H2O-style accumulators when decoding needs them)."""
+        extras = {}
+        if self.method.needs_decode_attention:
+            scores = kept.scores
+            if scores is None:  # nothing was evicted: the accumulators start from every token's prompt attention
+                scores = self.method.token_scores(queries, keys, lse).gather(2, kept.indices)
+            extras[SCORES] = scores.float()
+        return StoreRow(kept.keys, kept.values, positions.gather(2, kept.indices), extras)
+
+    def _remember_queries(self, layer_idx: int, queries: torch.Tensor) -> None:
+        window = self.query_windows[layer_idx]
+        if window is not None:
+            size = window.shape[-2]
+            self.query_windows[layer_idx] = torch.cat([window, queries], dim=-2)[..., -size:, :].clone()
+
+    def _hold_decode_budget(self, layer_idx: int) -> None:
+        """Re-apply the method to each sample whose slots reached its capacity + ``compress_interval``."""
+        budget = self.method.decode_budget_tokens
+        if budget is None:
+            return
+        store = self.stores[layer_idx]
+        assert store is not None
+        if isinstance(store, RaggedStore):
+            self._hold_headwise_budget(layer_idx, store, budget)
+            return
+        interval = getattr(self.method, "compress_interval", 1)
+        lengths = self._lengths_after_step()
+        capacities = [self.method.capacity(layer_idx, self.num_layers, length, budget) for length in lengths]
+        if store.valid is None and len(set(capacities)) == 1:  # one vectorized call for the whole batch
+            if store.length < capacities[0] + interval:
+                return
+            views = [StoreRow(store.keys, store.values, store.positions, {n: store.extra(n) for n in store.extra_names})]
+            windows, capacities = [self.query_windows[layer_idx]], capacities[:1]
+        else:
+            views = [store.row(b) for b in range(len(lengths))]
+            if all(view.keys.shape[-2] < cap + interval for view, cap in zip(views, capacities)):
+                return
+            window = self.query_windows[layer_idx]
+            windows = [None if window is None else window[b : b + 1] for b in range(len(lengths))]
+        rows = []
+        for view, window, capacity in zip(views, windows, capacities):
+            if view.keys.shape[-2] < capacity + interval:
+                rows.append(view)
+                continue
+            # query-free methods never read the queries: the last key stands in as a placeholder
+            queries = view.keys[..., -1:, :] if window is None else window
+            kept = self.method.compress_tokens(
+                queries, view.keys, view.values, layer_idx=layer_idx, num_layers=self.num_layers,
+                capacity=capacity, accumulated=view.extras.get(SCORES),
+            )
+            extras = {SCORES: kept.scores} if SCORES in view.extras and kept.scores is not None else {}
+            rows.append(StoreRow(kept.keys, kept.values, view.positions.gather(2, kept.indices), extras))
+        self.stores[layer_idx] = store.replace_rows(rows)
+
+
+def cache_nbytes(past_key_values: Any) -> int:
+    """The real bytes a cache holds.
+
+    A :class:`CompressedCache` counts keys, values and all of its bookkeeping (see :meth:`CompressedCache.nbytes`);
+    a transformers ``DynamicCache`` or a legacy tuple counts the storage of every tensor once.
+    """
+    if past_key_values is None:
+        return 0
+    if isinstance(past_key_values, CompressedCache):
+        return past_key_values.nbytes()
+    if isinstance(past_key_values, DynamicCache):
+        tensors = list(past_key_values.key_cache) + list(past_key_values.value_cache)
+    elif isinstance(past_key_values, (tuple, list)):
+        tensors = [t for layer in past_key_values for t in (layer if isinstance(layer, (tuple, list)) else [layer])]
+    else:
+        raise TypeError(
+            f"cache_nbytes expects a CompressedCache, a DynamicCache or a tuple of tensors, got {type(past_key_values).__name__}"
+        )
+    seen: set[int] = set()
+    total = 0
+    for tensor in tensors:
+        if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in seen:
+            seen.add(tensor.untyped_storage().data_ptr())
+            total += tensor.untyped_storage().nbytes()
+    return total

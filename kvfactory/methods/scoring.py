@@ -1,0 +1,118 @@
+"""Score primitives shared by the compression methods: grouped (GQA) attention scores, pooling, group reduction.
+
+All functions take post-RoPE tensors ``queries (B, Hq, n_q, d)`` and ``keys (B, Hkv, n, d)`` and never repeat keys to
+the query heads: queries are viewed as ``(B, Hkv, g, n_q, d)`` (query head ``h`` belongs to KV head ``h // g``, the
+``repeat_kv`` order of transformers), so no ``Hq``-sized copy of the keys is ever made.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+GQA_AGGREGATIONS = ("mean", "max", "sum")
+POOLINGS = ("maxpool", "avgpool")
+
+# Column sums of the full causal attention are computed over query chunks holding at most this many fp32 scores
+# (about 16 MB: small chunks stay in cache, which measured fastest on CPU).
+_SCORE_CHUNK_ELEMENTS = 1 << 22
+
+
+def grouped_logits(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """``queries·keysᵀ/√d`` per query head, as ``(B, Hkv, g, n_q, n)`` in the inputs' dtype."""
+    batch, num_q_heads, n_q, head_dim = queries.shape
+    num_kv_heads = keys.shape[1]
+    groups = num_q_heads // num_kv_heads
+    grouped = queries.reshape(batch, num_kv_heads, groups * n_q, head_dim)
+    logits = torch.matmul(grouped, keys.transpose(-1, -2)) / math.sqrt(head_dim)
+    return logits.view(batch, num_kv_heads, groups, n_q, keys.shape[-2])
+
+
+def window_attention(queries: torch.Tensor, keys: torch.Tensor, window_size: int) -> torch.Tensor:
+    """Softmax attention of the last ``window_size`` queries over all keys, ``(B, Hkv, g, W, n)`` in the keys' dtype.
+
+    The last ``W`` queries are the queries of the last ``W`` keys, so the ``W × W`` block is causally masked (window
+    query ``i`` does not see window key ``j > i``). The softmax runs in fp32 and is cast back to the model dtype, as
+    SnapKV and KVCache-Factory do.
+    """
+    window = queries[..., -window_size:, :]
+    logits = grouped_logits(window, keys).float()
+    n = keys.shape[-2]
+    w = window.shape[-2]
+    future = torch.ones(w, w, dtype=torch.bool, device=keys.device).triu(1)
+    logits[..., n - w :].masked_fill_(future, float("-inf"))
+    return torch.softmax(logits, dim=-1).to(keys.dtype)
+
+
+def _query_chunks(queries: torch.Tensor, keys: torch.Tensor) -> range:
+    batch, num_q_heads, n, _ = queries.shape
+    chunk = max(1, _SCORE_CHUNK_ELEMENTS // max(1, batch * num_q_heads * keys.shape[-2]))
+    return range(0, n, chunk)
+
+
+def _causal_chunk_logits(queries: torch.Tensor, keys: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """fp32 logits of queries ``[start, stop)`` against keys ``[0, stop)`` (later keys are all in the future),
+    the future inside the chunk set to -inf: ``(B, Hkv, g, stop - start, stop)``."""
+    logits = grouped_logits(queries[..., start:stop, :], keys[..., :stop, :]).float()
+    future = torch.ones(stop - start, stop - start, dtype=torch.bool, device=keys.device).triu(1)
+    logits[..., start:stop].masked_fill_(future, float("-inf"))
+    return logits
+
+
+def causal_logsumexp(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Log-sum-exp of each query's causal logits, ``(B, Hq, n)`` fp32 (when the attention kernel did not give it)."""
+    batch, num_q_heads, n, _ = queries.shape
+    lse = torch.empty(batch, keys.shape[1], num_q_heads // keys.shape[1], n, device=keys.device)
+    step = _query_chunks(queries, keys).step
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        lse[..., start:stop] = torch.logsumexp(_causal_chunk_logits(queries, keys, start, stop), dim=-1)
+    return lse.view(batch, num_q_heads, n)
+
+
+def causal_column_sums(queries: torch.Tensor, keys: torch.Tensor, lse: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ over every query of its causal softmax attention to each key, ``(B, Hkv, g, n)`` in fp32.
+
+    Query ``i`` is the query of key ``i`` (a prompt attending to itself). With the attention's log-sum-exp ``lse
+    (B, Hq, n)`` (from the prefill kernel) one pass suffices: ``Σ_i exp(q_i·k_j/√d − lse_i)``; otherwise it is
+    computed first. Query chunks keep every buffer small: no ``n × n`` fp32 tensor is ever allocated.
+    """
+    batch, num_q_heads, n, _ = queries.shape
+    num_kv_heads = keys.shape[1]
+    if lse is None:
+        lse = causal_logsumexp(queries, keys)
+    lse = lse.float().view(batch, num_kv_heads, num_q_heads // num_kv_heads, n)
+    sums = torch.zeros(batch, num_kv_heads, num_q_heads // num_kv_heads, n, dtype=torch.float32, device=keys.device)
+    step = _query_chunks(queries, keys).step
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        logits = _causal_chunk_logits(queries, keys, start, stop)
+        logits.sub_(lse[..., start:stop, None])
+        sums[..., :stop] += logits.exp_().sum(dim=-2)
+    return sums
+
+
+def reduce_groups(scores: torch.Tensor, how: str) -> torch.Tensor:
+    """Reduce per-query-head scores ``(B, Hkv, g, ...)`` to one score per KV head ``(B, Hkv, ...)``."""
+    if how == "mean":
+        return scores.mean(dim=2)
+    if how == "max":
+        return scores.amax(dim=2)
+    if how == "sum":
+        return scores.sum(dim=2)
+    raise ValueError(f"gqa_score_agg must be one of {GQA_AGGREGATIONS}, got {how!r}")
+
+
+def pool_scores(scores: torch.Tensor, kernel_size: int, pooling: str) -> torch.Tensor:
+    """Smooth ``(B, H, L)`` scores along the sequence (stride 1, padding ``k // 2``; avgpool counts the padding)."""
+    if kernel_size <= 1 or scores.shape[-1] == 0:
+        return scores
+    flat = scores.reshape(-1, 1, scores.shape[-1])
+    if pooling == "maxpool":
+        pooled = F.max_pool1d(flat, kernel_size, stride=1, padding=kernel_size // 2)
+    elif pooling == "avgpool":
+        pooled = F.avg_pool1d(flat, kernel_size, stride=1, padding=kernel_size // 2)
+    else:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    return pooled[..., : scores.shape[-1]].reshape(scores.shape)

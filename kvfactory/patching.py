@@ -1,0 +1,275 @@
+"""``kvfactory.patch(model, method, **params)``: run a compression method inside one loaded model instance.
+
+Patching is per instance, never per class: every attention module of *this* model gets kvfactory's forward (bound to
+the architecture adapter and this handle), and the decoder stack's forward is wrapped so that each call runs with a
+:class:`~kvfactory.cache.CompressedCache` (created when ``past_key_values`` is None or an empty ``DynamicCache``, as
+``generate()`` passes) and with the validity of the new tokens taken from the 2-D attention mask. Two models in one
+process can run different methods; ``handle.remove()`` (or leaving the ``with`` block) restores the model exactly.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicCache
+
+from kvfactory import methods as method_registry
+from kvfactory.architectures.base import ArchitectureAdapter
+from kvfactory.architectures.gpt_neox import GPTNeoXAdapter
+from kvfactory.architectures.llama import LlamaAdapter
+from kvfactory.architectures.mistral import MistralAdapter
+from kvfactory.attention import ATTENTION_IMPLEMENTATIONS, AttentionSpec, attend, flash_attn_available
+from kvfactory.cache import CompressedCache
+from kvfactory.methods.base import Compressor
+from kvfactory.storage.base import DenseStorage, StorageFactory
+
+logger = logging.getLogger(__name__)
+
+ADAPTERS: tuple[ArchitectureAdapter, ...] = (LlamaAdapter(), MistralAdapter(), GPTNeoXAdapter())
+HANDLE_ATTRIBUTE = "_kvfactory_handle"
+
+
+def supported_architectures() -> list[str]:
+    return [name for adapter in ADAPTERS for name in adapter.model_classes]
+
+
+def adapter_for(model: nn.Module) -> ArchitectureAdapter:
+    """The adapter for ``model``'s class (exact class name match, subclasses by their bases)."""
+    for cls in type(model).__mro__:
+        for adapter in ADAPTERS:
+            if cls.__name__ in adapter.model_classes:
+                return adapter
+    raise ValueError(
+        f"unsupported model {type(model).__name__}; kvfactory patches {', '.join(supported_architectures())}"
+    )
+
+
+@dataclass
+class _Step:
+    cache: CompressedCache | None
+    valid: torch.Tensor | None
+
+
+def _replace_forward(module: nn.Module, make_forward: Callable[[Callable[..., Any]], Callable[..., Any]]
+                     ) -> Callable[[], None]:
+    """Install ``make_forward(current_forward)`` on this module instance, under accelerate's hook when there is one
+    (its ``_old_forward``, so inputs still move to the module's device); returns the undo."""
+    attribute = "_old_forward" if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward") else "forward"
+    previous = module.__dict__.get(attribute)
+    setattr(module, attribute, make_forward(getattr(module, attribute)))
+
+    def undo() -> None:
+        if previous is None:
+            delattr(module, attribute)
+        else:
+            setattr(module, attribute, previous)
+
+    return undo
+
+
+class PatchHandle:
+    """A model running a compression method. ``remove()`` restores it; usable as a context manager.
+
+    Attributes
+    ----------
+    method: the compressor. last_cache: the cache of the most recent forward (handy after ``generate()``).
+    """
+
+    def __init__(self, model: nn.Module, method: Compressor, adapter: ArchitectureAdapter) -> None:
+        self.model = model
+        self.method = method
+        self.adapter = adapter
+        config = model.config
+        self.attention_modules = adapter.attention_modules(model)
+        self.num_layers = len(self.attention_modules)
+        self.spec = AttentionSpec(config._attn_implementation, adapter.sliding_window(config))
+        self.storage: StorageFactory = DenseStorage()
+        self.last_cache: CompressedCache | None = None
+        self._step: _Step | None = None
+        self._undo: list[Callable[[], None]] = []
+        self._removed = False
+
+    # -- used by the adapters' forwards -------------------------------------------------------------------------
+    @property
+    def active_cache(self) -> CompressedCache | None:
+        return None if self._step is None else self._step.cache
+
+    def attend_layer(self, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     position_ids: torch.Tensor | None) -> torch.Tensor:
+        """Attention of one layer's new tokens (post-RoPE, KV heads), through the cache when there is one."""
+        batch, n = keys.shape[0], keys.shape[-2]
+        cache = self.active_cache
+        if position_ids is None:
+            seen = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(seen, seen + n, device=keys.device)[None]
+        positions = position_ids.to(keys.device).expand(batch, n)
+        if cache is not None:
+            return cache.forward_layer(layer_idx, queries, keys, values, positions)
+        valid = None if self._step is None or self._step.valid is None else self._step.valid.to(keys.device)
+        output, _ = attend(queries, keys, values, self.spec, key_valid=valid, query_valid=valid,
+                           query_positions=positions, key_positions=positions[:, None].expand(-1, keys.shape[1], -1))
+        return output
+
+    # -- caches ------------------------------------------------------------------------------------------------
+    def new_cache(self) -> CompressedCache:
+        """An empty cache for this model and method (pass it as ``past_key_values`` to reuse it across calls)."""
+        return CompressedCache(self.method, self.num_layers, self.spec, self.storage)
+
+    def rotate(self, layer_idx: int, states: torch.Tensor, positions: torch.Tensor, inverse: bool = False
+               ) -> torch.Tensor:
+        """Apply (or undo) layer ``layer_idx``'s RoPE at ``positions`` (for storage that keeps pre-RoPE keys)."""
+        return self.adapter.rotate(self.attention_modules[layer_idx], states, positions, inverse)
+
+    def _resolve_cache(self, past: Any) -> CompressedCache:
+        if isinstance(past, CompressedCache):
+            if past.num_layers != self.num_layers:
+                raise ValueError(f"this cache has {past.num_layers} layers; the model has {self.num_layers}")
+            return past
+        if past is None or (isinstance(past, DynamicCache) and past.get_seq_length() == 0):
+            return self.new_cache()
+        raise ValueError(
+            "a patched model needs past_key_values=None, an empty DynamicCache or a kvfactory CompressedCache "
+            f"(from handle.new_cache()); got {type(past).__name__}"
+            + (" holding tokens" if isinstance(past, DynamicCache) else "")
+        )
+
+    @contextmanager
+    def _running(self, cache: CompressedCache | None, valid: torch.Tensor | None, batch_size: int,
+                 new_tokens: int) -> Iterator[None]:
+        outer = self._step
+        self._step = _Step(cache, valid)
+        if cache is not None:
+            cache.begin_step(batch_size, new_tokens, valid)
+        committed = False
+        try:
+            yield
+            committed = True
+            if cache is not None:
+                self.last_cache = cache
+        finally:
+            self._step = outer
+            if cache is not None:
+                cache.end_step(committed)
+
+    # -- the decoder stack's forward ---------------------------------------------------------------------------
+    def _wrap_base_forward(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        signature = inspect.signature(original)
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            arguments = signature.bind(*args, **kwargs).arguments
+            extra = arguments.pop("kwargs", {})
+            inputs = arguments.get("input_ids")
+            if inputs is None:
+                inputs = arguments.get("inputs_embeds")
+            if inputs is None or inputs.shape[1] == 0:
+                raise ValueError("the prompt is empty: a patched model needs at least one input token")
+            new_tokens = inputs.shape[1]
+            use_cache = arguments.get("use_cache")
+            if use_cache is None:
+                use_cache = self.model.config.use_cache
+            cache = self._resolve_cache(arguments.get("past_key_values")) if use_cache else None
+            if cache is not None:
+                arguments["past_key_values"] = cache
+            valid = self._new_token_validity(arguments.get("attention_mask"), new_tokens)
+            with self._running(cache, valid, inputs.shape[0], new_tokens):
+                self.adapter.prepare_base_call(arguments, self, new_tokens)
+                output = original(**arguments, **extra)
+            if cache is not None:
+                if isinstance(output, tuple):
+                    output = (output[0], cache, *output[2:])
+                else:
+                    output.past_key_values = cache
+            return output
+
+        return forward
+
+    @staticmethod
+    def _new_token_validity(attention_mask: torch.Tensor | None, new_tokens: int) -> torch.Tensor | None:
+        if attention_mask is None:
+            return None
+        if attention_mask.dim() != 2:
+            raise ValueError("a patched model takes a 2-D attention_mask (batch, tokens); custom 4-D masks are not supported")
+        valid = attention_mask[:, -new_tokens:].bool()
+        return None if bool(valid.all()) else valid
+
+    # -- install / remove --------------------------------------------------------------------------------------
+    def _install(self) -> None:
+        for layer_idx, module in enumerate(self.attention_modules):
+            forward = self.adapter.make_attention_forward(self, module, layer_idx)
+            self._undo.append(_replace_forward(module, lambda _original, forward=forward: forward))
+        self._undo.append(_replace_forward(self.adapter.base_model(self.model), self._wrap_base_forward))
+        self._undo.extend(self.adapter.install(self.model, self))
+        setattr(self.model, HANDLE_ATTRIBUTE, self)
+        self._undo.append(lambda: delattr(self.model, HANDLE_ATTRIBUTE))
+
+    def remove(self) -> None:
+        """Restore the model's own forwards (idempotent)."""
+        if self._removed:
+            return
+        for undo in reversed(self._undo):
+            undo()
+        self._undo.clear()
+        self._removed = True
+
+    def __enter__(self) -> "PatchHandle":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "removed" if self._removed else "active"
+        return f"PatchHandle({type(self.model).__name__}, {self.method!r}, {state})"
+
+
+def patch(model: nn.Module, method: str | Compressor = "fullkv", **params: Any) -> PatchHandle:
+    """Patch ``model`` (this instance only) to run ``method`` with ``params``.
+
+    Parameters
+    ----------
+    model:
+        A ``LlamaForCausalLM``, ``MistralForCausalLM`` or ``GPTNeoXForCausalLM`` loaded with ``attn_implementation``
+        eager, sdpa or flash_attention_2 (the latter needs the flash-attn package).
+    method:
+        A name from ``kvfactory.methods.names()`` or a compressor instance.
+    params:
+        The method's parameters (``kvfactory.methods.parameters(name)``) and, to quantize what the method keeps,
+        the storage parameters of ``kvfactory.quant`` (``quant_method``, ``nbits``, ...); unknown ones are an error.
+    """
+    adapter = adapter_for(model)
+    implementation = model.config._attn_implementation
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attn_implementation {implementation!r} is not supported; use one of {', '.join(ATTENTION_IMPLEMENTATIONS)}"
+        )
+    if implementation == "flash_attention_2" and not flash_attn_available():
+        raise ValueError("attn_implementation='flash_attention_2' needs the flash-attn package; install it or use sdpa")
+    if getattr(model, HANDLE_ATTRIBUTE, None) is not None:
+        raise ValueError("this model is already patched; call remove() on its handle first")
+    from kvfactory import quant
+
+    quant_params = {name: params.pop(name) for name in list(params) if name in quant.QUANT_PARAMETERS}
+    if quant_params.get("quant_method") in (None, "", "none"):
+        stray = sorted(name for name in quant_params if name != "quant_method")
+        if stray:
+            raise ValueError(f"{', '.join(stray)} given without quant_method; set quant_method or drop them")
+        quant_params = {}
+    if isinstance(method, Compressor):
+        if params:
+            raise ValueError("pass parameters either in the compressor instance or as keyword arguments, not both")
+        compressor = method
+    else:
+        compressor = method_registry.get(method, **params)
+    handle = PatchHandle(model, compressor, adapter)
+    if quant_params:
+        handle.storage, handle.method = quant.configure(
+            compressor, quant_params, rotary=handle.rotate, num_layers=handle.num_layers, config=model.config,
+        )
+    handle._install()
+    logger.info("patched %s with %s", type(model).__name__, compressor)
+    return handle
