@@ -125,8 +125,8 @@ def test_ragged_cache_bytes_are_the_ragged_total() -> None:
     for store in cache.stores:
         tokens = int(store.lengths.sum())
         assert tokens == store.flat_keys.shape[0] and abs(tokens - 2 * 20) <= 2
-        # K and V (16 fp32 dims), an int32 position and an int64 segment id per token; int64 lengths per head
-        total += tokens * (2 * 16 * 4 + 4 + 8) + 2 * 8 + store.tail.nbytes()
+        # K and V (16 fp32 dims) and an int32 position per token, as dense storage; int64 lengths per head
+        total += tokens * (2 * 16 * 4 + 4) + 2 * 8 + store.tail.nbytes()
     assert kvfactory.cache_nbytes(cache) == total
 
 

@@ -3,13 +3,13 @@
 Layout of one layer:
 
 - a compact **prefix** (what the head-wise method kept): flat ``keys/values (N, d)`` and ``positions (N,)``, sorted by
-  segment ``s = b·Hkv + h`` then position; ``offsets (S + 1,)`` delimit the segments;
+  segment ``s = b·Hkv + h`` then position; ``lengths (B, Hkv)`` delimit the segments;
 - a dense **tail** (:class:`~kvfactory.storage.dense.DenseStore`) for tokens appended afterwards: every head gains
   the same tokens, so the tail is compact as well and decoding appends in O(1) amortized.
 
 Attention is exact: a segment softmax over the prefix (scatter-max, exp, scatter-add, all vectorized, cost linear
 in the kept tokens) merged with dense attention over the tail through their log-sum-exps; it equals dense attention
-with the evicted positions masked. ``nbytes`` counts every tensor, offsets and segment ids included.
+with the evicted positions masked. ``nbytes`` counts every tensor, the per-head lengths included.
 """
 from __future__ import annotations
 
@@ -30,11 +30,14 @@ class RaggedStore:
         self.flat_values = values.contiguous()
         self.flat_positions = positions.to(torch.int32).contiguous()
         self.lengths = lengths  # (B, Hkv) int64, on the CPU
-        segments = lengths.numel()
-        self.segment_ids = torch.repeat_interleave(
-            torch.arange(segments, device=keys.device), lengths.flatten().to(keys.device)
-        )
         self.tail = tail
+
+    @property
+    def segment_ids(self) -> torch.Tensor:
+        """The segment ``b·Hkv + h`` of every prefix token, ``(N,)``: derived from the lengths, not stored."""
+        device = self.flat_keys.device
+        return torch.repeat_interleave(torch.arange(self.lengths.numel(), device=device),
+                                       self.lengths.flatten().to(device))
 
     @classmethod
     def from_mask(cls, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
@@ -74,7 +77,7 @@ class RaggedStore:
         return result
 
     def nbytes(self) -> int:
-        tensors = [self.flat_keys, self.flat_values, self.flat_positions, self.segment_ids, self.lengths]
+        tensors = [self.flat_keys, self.flat_values, self.flat_positions, self.lengths]
         return sum(t.untyped_storage().nbytes() for t in tensors) + self.tail.nbytes()
 
     def segment_positions(self, b: int, h: int) -> torch.Tensor:
@@ -97,9 +100,10 @@ class RaggedStore:
         valid = torch.zeros(batch, heads, total, dtype=torch.bool, device=device)
         lengths = self.lengths.flatten().to(device)
         starts = torch.cumsum(lengths, 0) - lengths
-        rank = torch.arange(self.segment_ids.numel(), device=device) - starts[self.segment_ids]
-        slot = longest - lengths[self.segment_ids] + rank
-        b, h = self.segment_ids // heads, self.segment_ids % heads
+        segment_ids = self.segment_ids
+        rank = torch.arange(segment_ids.numel(), device=device) - starts[segment_ids]
+        slot = longest - lengths[segment_ids] + rank
+        b, h = segment_ids // heads, segment_ids % heads
         keys[b, h, slot] = self.flat_keys
         values[b, h, slot] = self.flat_values
         positions[b, h, slot] = self.flat_positions
@@ -131,21 +135,22 @@ class RaggedStore:
         groups = num_q_heads // num_kv_heads
         scale = 1 / math.sqrt(head_dim)
         grouped = queries.reshape(batch * num_kv_heads, groups * n, head_dim).float()
+        segment_ids = self.segment_ids
 
         # prefix: per-token logits against its own segment's queries, segment softmax statistics
-        logits = torch.bmm(grouped[self.segment_ids], self.flat_keys.float()[:, :, None]).squeeze(-1) * scale
+        logits = torch.bmm(grouped[segment_ids], self.flat_keys.float()[:, :, None]).squeeze(-1) * scale
         if spec.sliding_window is not None and query_positions is not None:
             query_pos = query_positions.repeat_interleave(num_kv_heads, dim=0).repeat(1, groups)  # (S, g·n)
-            too_far = query_pos[self.segment_ids] - self.flat_positions[:, None] >= spec.sliding_window
+            too_far = query_pos[segment_ids] - self.flat_positions[:, None] >= spec.sliding_window
             logits = logits.masked_fill(too_far, float("-inf"))
         segments = batch * num_kv_heads
         prefix_max = torch.full((segments, groups * n), float("-inf"), device=queries.device)
-        prefix_max = prefix_max.scatter_reduce(0, self.segment_ids[:, None].expand_as(logits), logits, "amax")
+        prefix_max = prefix_max.scatter_reduce(0, segment_ids[:, None].expand_as(logits), logits, "amax")
         safe_max = torch.where(torch.isfinite(prefix_max), prefix_max, torch.zeros_like(prefix_max))
-        weights = torch.exp(logits - safe_max[self.segment_ids])
-        prefix_sum = torch.zeros_like(prefix_max).index_add_(0, self.segment_ids, weights)
+        weights = torch.exp(logits - safe_max[segment_ids])
+        prefix_sum = torch.zeros_like(prefix_max).index_add_(0, segment_ids, weights)
         prefix_out = torch.zeros(segments, groups * n, head_dim, device=queries.device).index_add_(
-            0, self.segment_ids, weights[:, :, None] * self.flat_values.float()[:, None, :]
+            0, segment_ids, weights[:, :, None] * self.flat_values.float()[:, None, :]
         )
 
         # tail: dense masked logits (the new tokens are its last n slots)

@@ -1,0 +1,213 @@
+"""What every benchmark runner shares: model/method/quantization arguments (KVCache-Factory's names), building the
+patch from them, the results layout, resumable JSONL files and run provenance."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from kvfactory import methods
+from kvfactory.paths import REPO_ROOT
+
+logger = logging.getLogger(__name__)
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model_path", default="smollm2-135m",
+                       help="local HF checkpoint, 'smollm2-135m' (embedded default) or random:<config>")
+    group.add_argument("--attn_implementation", default="sdpa", choices=["eager", "sdpa", "flash_attention_2"])
+    group.add_argument("--dtype", default="auto", choices=DTYPES,
+                       help="auto: bfloat16 on GPU, float32 on CPU")
+    group.add_argument("--device_map", default=None, help="accelerate device map, e.g. auto (several GPUs)")
+    group.add_argument("--seed", type=int, default=42)
+
+
+def add_method_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("compression method")
+    group.add_argument("--method", default="fullkv", help=f"one of {', '.join(methods.names())}")
+    group.add_argument("--max_capacity_prompts", type=int, default=512, help="C: tokens kept per layer and KV head")
+    group.add_argument("--max_capacity_prompts_ratio", type=float, default=None,
+                       help="keep round(n * ratio) tokens instead of C (KVCF uses it when C == -1)")
+    group.add_argument("--window_size", type=int, default=None, help="observation window (method default: 8)")
+    group.add_argument("--kernel_size", type=int, default=None, help="pooling kernel (method default: 7)")
+    group.add_argument("--pooling", default=None, choices=["maxpool", "avgpool"])
+    group.add_argument("--merge", default=None, help="pivot | weighted (snapkv, pyramidkv, h2o, streamingllm)")
+    group.add_argument("--gqa_score_agg", default=None, choices=["mean", "max", "sum"])
+    group.add_argument("--kv_cache_granularity", default="kv_head", choices=["kv_head", "query_head"],
+                       help="accepted for script compatibility: caches always hold KV heads")
+    group.add_argument("--decode_budget", type=int, default=None, help="hold the cache at this size while decoding")
+    group.add_argument("--compress_interval", type=int, default=None)
+    group.add_argument("--head_path", default=None, help="HeadKV head-importance JSON (headkv)")
+    group.add_argument("--floor_ratio", type=float, default=None, help="AdaKV per-head floor (adakv)")
+    group.add_argument("--quant_method", default=None, help="kivi | kvquant | gear | layerquant: quantize what is kept")
+    group.add_argument("--nbits", type=int, default=None, help="quantization bits (2, 4, 8)")
+    group.add_argument("--method_kwargs", default=None, help="any other method/quantization parameter, as JSON")
+
+
+_METHOD_FLAGS = ("window_size", "kernel_size", "pooling", "merge", "gqa_score_agg", "decode_budget",
+                 "compress_interval", "head_path", "floor_ratio")
+
+
+def patch_parameters(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """The method name and keyword arguments for ``kvfactory.patch`` from parsed arguments.
+
+    Flags left at None fall back to the method's defaults; a flag the method does not accept is an error (raised by
+    ``kvfactory.methods.get``), never ignored. ``query_head`` granularity is refused with the reason.
+    """
+    if args.kv_cache_granularity == "query_head":
+        raise ValueError("--kv_cache_granularity query_head is not offered: kvfactory always caches KV heads (repeating "
+                         "them per query head, KVCache-Factory's default, costs g× memory and is no more accurate)")
+    name = methods.method_class(args.method).name
+    params: dict[str, Any] = {}
+    if name != "fullkv":
+        if args.max_capacity_prompts_ratio is not None:
+            params["max_capacity_prompt_ratio"] = args.max_capacity_prompts_ratio
+        elif args.max_capacity_prompts is not None and args.max_capacity_prompts > 0:
+            params["max_capacity_prompt"] = args.max_capacity_prompts
+    for flag in _METHOD_FLAGS:
+        value = getattr(args, flag, None)
+        if value is not None:
+            params[flag] = value
+    if args.quant_method not in (None, "", "none"):
+        params["quant_method"] = args.quant_method
+        if args.nbits is not None:
+            params["nbits"] = args.nbits
+    elif args.nbits is not None:
+        raise ValueError("--nbits needs --quant_method")
+    if args.method_kwargs:
+        extra = json.loads(args.method_kwargs)
+        if not isinstance(extra, dict):
+            raise ValueError("--method_kwargs must be a JSON object")
+        params.update(extra)
+    return name, params
+
+
+def resolve_dtype(dtype: str, device_map: str | None) -> str:
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if torch.cuda.is_available() and device_map != "cpu" else "float32"
+
+
+def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The model and tokenizer the arguments name (seeded, eval mode)."""
+    from kvfactory import models
+
+    torch.manual_seed(args.seed)
+    return models.load(args.model_path, dtype=resolve_dtype(args.dtype, args.device_map),
+                       attn_implementation=args.attn_implementation, device_map=args.device_map)
+
+
+def model_label(model_path: str) -> str:
+    """The model part of result folder names: the checkpoint's basename, lower-cased."""
+    return Path(model_path.rstrip("/")).name.lower().replace("random:", "random-")
+
+
+def budget_label(args: argparse.Namespace) -> str:
+    """``C`` as it appears in result folders (``ratio0.25`` in ratio mode, never ``-1``)."""
+    if args.max_capacity_prompts_ratio is not None:
+        return f"ratio{args.max_capacity_prompts_ratio:g}"
+    return str(args.max_capacity_prompts)
+
+
+def method_label(name: str, params: dict[str, Any]) -> str:
+    """File name of a method's results: the method plus merge / quantization when used."""
+    label = name
+    if params.get("merge"):
+        label += f"_merge-{params['merge']}"
+    if params.get("quant_method"):
+        label += f"_{params['quant_method']}{params.get('nbits', '')}"
+    return label
+
+
+class ResultsFile:
+    """A JSONL results file that survives interruptions.
+
+    Opening it repairs a corrupt last line (a crash mid-write), so a rerun loses at most the sample in flight;
+    ``done`` tells which keys are already written, so nothing is duplicated; every record is flushed and synced.
+    """
+
+    def __init__(self, path: Path, key: str) -> None:
+        self.path = Path(path)
+        self.key = key
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.records = self._read_and_repair()
+        self._done = {record[key] for record in self.records if key in record}
+
+    def _read_and_repair(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        raw = self.path.read_bytes()
+        records, good_length = [], 0
+        for line in raw.splitlines(keepends=True):
+            try:
+                records.append(json.loads(line))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                logger.warning("%s: dropping a corrupt line (an interrupted write): %r", self.path, line[:80])
+                break
+            if not line.endswith(b"\n"):
+                records.pop()  # complete JSON but no newline: rewrite it cleanly
+                break
+            good_length += len(line)
+        if good_length != len(raw):
+            with open(self.path, "r+b") as handle:
+                handle.truncate(good_length)
+        return records
+
+    def done(self, key_value: Any) -> bool:
+        return key_value in self._done
+
+    def append(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.records.append(record)
+        self._done.add(record[self.key])
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_run_meta(folder: Path, args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Path:
+    """``run_meta.json``: git commit, arguments, library versions, device, timestamp (one file per run folder)."""
+    import transformers
+
+    import kvfactory
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    meta = {
+        "git_commit": git_commit(), "args": vars(args), "torch": torch.__version__,
+        "transformers": transformers.__version__, "kvfactory": kvfactory.__version__, "device": device,
+        "python": platform.python_version(), "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        **(extra or {}),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "run_meta.json"
+    path.write_text(json.dumps(meta, indent=2, default=str))
+    return path
+
+
+def parse_list(text: str | None, cast: type = str) -> list[Any]:
+    """``"a,b,c"`` → ``[a, b, c]`` (empty → ``[]``)."""
+    return [cast(item.strip()) for item in (text or "").split(",") if item.strip()]
+
+
+def chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
