@@ -63,14 +63,15 @@ def _fresh_cache(model: Any) -> Any:
 
 
 @torch.no_grad()
-def run_once(model: Any, input_ids: torch.Tensor, new_tokens: int) -> tuple[float, list[float], Any]:
+def run_once(model: Any, input_ids: torch.Tensor, new_tokens: int, attention_mask: torch.Tensor | None = None
+             ) -> tuple[float, list[float], Any]:
     """Prefill then ``new_tokens - 1`` decode steps; returns (prefill seconds, step seconds,
     (cache, kept tokens per layer after prefill, cache bytes after prefill))."""
     device = input_ids.device
     decoder, head = model.base_model, model.get_output_embeddings()
     _synchronize(device)
     started = time.perf_counter()
-    output = decoder(input_ids, past_key_values=_fresh_cache(model), use_cache=True)
+    output = decoder(input_ids, attention_mask=attention_mask, past_key_values=_fresh_cache(model), use_cache=True)
     token = head(output.last_hidden_state[:, -1:]).argmax(-1)
     _synchronize(device)
     prefill = time.perf_counter() - started
@@ -80,7 +81,9 @@ def run_once(model: Any, input_ids: torch.Tensor, new_tokens: int) -> tuple[floa
     steps = []
     for _ in range(new_tokens - 1):
         started = time.perf_counter()
-        output = decoder(token, past_key_values=cache, use_cache=True)
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
+        output = decoder(token, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
         token = head(output.last_hidden_state[:, -1:]).argmax(-1)
         _synchronize(device)
         steps.append(time.perf_counter() - started)
@@ -89,18 +92,19 @@ def run_once(model: Any, input_ids: torch.Tensor, new_tokens: int) -> tuple[floa
 
 
 def measure(model: Any, input_ids: torch.Tensor, *, method: str, new_tokens: int = 16, repeats: int = 3,
-            warmup: int = 1) -> SpeedResult:
-    """Median latency of ``repeats`` runs (after ``warmup``) of the model as it is (patched or not)."""
+            warmup: int = 1, attention_mask: torch.Tensor | None = None) -> SpeedResult:
+    """Median latency of ``repeats`` runs (after ``warmup``) of the model as it is (patched or not); a padded batch
+    passes its ``attention_mask``."""
     device = input_ids.device
     for _ in range(warmup):
-        run_once(model, input_ids, min(new_tokens, 2))
+        run_once(model, input_ids, min(new_tokens, 2), attention_mask)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     prefills, all_steps = [], []
     cache_state = None
     for _ in range(repeats):
         gc.collect()
-        prefill, steps, cache_state = run_once(model, input_ids, new_tokens)
+        prefill, steps, cache_state = run_once(model, input_ids, new_tokens, attention_mask)
         prefills.append(prefill)
         all_steps.append(steps)
     cache, kept, prefill_bytes = cache_state

@@ -1,0 +1,92 @@
+"""Head-wise budgets and batching on the embedded model, measured in one run against SnapKV / batch 1.
+
+1. cache bytes of adakv (ragged storage) vs snapkv at the same C (goal: equal within Hkv tokens per layer);
+2. decode TPOT adakv / snapkv (goal: within 15%);
+3. throughput of a batch of 8 left-padded prompts / one prompt at a time (goal: >= 2.5), decode-only and end to end;
+4. passkey accuracy at C=128 over depths and seeds: fullkv, snapkv, adakv, headkv (head scores computed for this
+   model by kvfactory.retrieval_heads when missing).
+
+``python benchmarks/headwise_batching.py [--model_path smollm2-135m] [--length 1000] [--seeds 3]``
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import kvfactory  # noqa: E402
+from kvfactory.benchmarks.passkey import make_passkey_sample, passkey_found  # noqa: E402
+from kvfactory.benchmarks.speed import measure  # noqa: E402
+from kvfactory.generation import greedy_generate, left_pad  # noqa: E402
+from kvfactory.paths import REPO_ROOT  # noqa: E402
+from kvfactory.retrieval_heads import retrieval_head_scores  # noqa: E402
+
+DEPTHS = (0.05, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model_path", default="smollm2-135m")
+    parser.add_argument("--length", type=int, default=1000, help="passkey prompt length")
+    parser.add_argument("--seeds", type=int, default=3, help="passkey seeds (x 7 depths)")
+    parser.add_argument("--head_path", type=Path, default=REPO_ROOT / "data" / "heads_score" / "smollm2-135m.json")
+    args = parser.parse_args()
+    model, tokenizer = kvfactory.models.load(args.model_path)
+    budget = 128
+
+    ids = torch.tensor([make_passkey_sample(tokenizer, 2048, 0.5).input_ids])
+    print(f"[1,2] {ids.shape[1]}-token prompt, C={budget}, 32 new tokens, 3 interleaved runs")
+    runs: dict[str, list] = {"snapkv": [], "adakv": []}
+    for _ in range(3):
+        for name in runs:
+            with kvfactory.patch(model, name, max_capacity_prompt=budget):
+                runs[name].append(measure(model, ids, method=name, new_tokens=32, repeats=1, warmup=1))
+    snap, ada = runs["snapkv"][-1], runs["adakv"][-1]
+    heads = model.config.num_key_value_heads
+    token_bytes = snap.prefill_cache_bytes / (snap.kept_tokens * heads * model.config.num_hidden_layers)
+    print(f"    bytes adakv / snapkv {ada.prefill_cache_bytes / snap.prefill_cache_bytes:.4f}  "
+          f"(difference {(ada.prefill_cache_bytes - snap.prefill_cache_bytes) / token_bytes / model.config.num_hidden_layers:+.2f} "
+          f"tokens per layer; mean kept per head {ada.kept_tokens:.2f} vs {snap.kept_tokens:.2f})")
+    tpot = {name: statistics.median(r.tpot_seconds for r in results) for name, results in runs.items()}
+    print(f"    TPOT snapkv {tpot['snapkv'] * 1000:.1f} ms, adakv {tpot['adakv'] * 1000:.1f} ms, "
+          f"ratio {tpot['adakv'] / tpot['snapkv']:.3f}")
+
+    prompts = [make_passkey_sample(tokenizer, args.length - 40 * i, DEPTHS[i % 7], seed=i).input_ids for i in range(8)]
+    batch, mask = left_pad(prompts, tokenizer.pad_token_id, "cpu")
+    with kvfactory.patch(model, "snapkv", max_capacity_prompt=budget):
+        together = measure(model, batch, method="snapkv", new_tokens=32, repeats=1, warmup=1, attention_mask=mask)
+        alone = [measure(model, torch.tensor([p]), method="snapkv", new_tokens=32, repeats=1, warmup=0) for p in prompts]
+    decode_one = sum(r.decode_seconds for r in alone)
+    total_one = sum(r.prefill_seconds + r.decode_seconds for r in alone)
+    print(f"[3] 8 prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens, snapkv C={budget}, 32 new tokens:"
+          f" decode throughput batch 8 / batch 1 = {decode_one / together.decode_seconds:.2f}; end to end (prefill "
+          f"included) = {total_one / (together.prefill_seconds + together.decode_seconds):.2f}")
+
+    if not args.head_path.exists():
+        print(f"    computing retrieval-head scores for HeadKV into {args.head_path}")
+        args.head_path.parent.mkdir(parents=True, exist_ok=True)
+        args.head_path.write_text(json.dumps(retrieval_head_scores(model, tokenizer, num_samples=10, length=1000)))
+    configs = [("fullkv", {}), ("snapkv", {"max_capacity_prompt": budget}), ("adakv", {"max_capacity_prompt": budget}),
+               ("headkv", {"max_capacity_prompt": budget, "head_path": str(args.head_path)})]
+    correct = {name: 0 for name, _ in configs}
+    samples = [make_passkey_sample(tokenizer, args.length, depth, seed=seed) for seed in range(args.seeds)
+               for depth in DEPTHS]
+    for name, params in configs:
+        with kvfactory.patch(model, name, **params):
+            for sample in samples:
+                (result,) = greedy_generate(model, tokenizer, [sample.input_ids], max_new_tokens=8,
+                                            stop_token_ids=[tokenizer.eos_token_id])
+                correct[name] += passkey_found(result.text, sample.passkey)
+    print(f"[4] passkey accuracy, {len(samples)} prompts of ~{args.length} tokens ({args.seeds} seeds x 7 depths), "
+          f"C={budget}: " + ", ".join(f"{name} {correct[name]}/{len(samples)}" for name, _ in configs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
