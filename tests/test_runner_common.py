@@ -69,3 +69,30 @@ def test_run_meta_has_provenance(tmp_path) -> None:
     meta = json.loads(write_run_meta(tmp_path, parse("--method", "snapkv")).read_text())
     assert {"git_commit", "args", "torch", "transformers", "kvfactory", "device", "timestamp"} <= set(meta)
     assert meta["args"]["method"] == "snapkv"
+
+
+def test_run_jobs_batches_resumes_and_records(tmp_path) -> None:
+    import kvfactory
+    from kvfactory.benchmarks.common import Job, run_jobs
+    from tests.conftest import tiny_model
+
+    class Tokenizer:
+        pad_token_id = 0
+
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+
+    model = tiny_model("llama")
+    model.generation_config.eos_token_id = None
+    jobs = [Job(key=f"s{i}", input_ids=list(range(3, 30 + 5 * i)), max_new_tokens=4, stop_token_ids=[127],
+                record={"answers": ["x"]}) for i in range(3)]
+    jobs.append(Job(key="agnostic", input_ids=list(range(3, 40)), question_ids=[5, 6, 7], max_new_tokens=4,
+                    stop_token_ids=[127]))
+    results = ResultsFile(tmp_path / "out.jsonl", key="_id")
+    with kvfactory.patch(model, "snapkv", max_capacity_prompt=16) as handle:
+        assert run_jobs(model, Tokenizer(), handle, jobs, results, batch_size=2) == 4
+        assert run_jobs(model, Tokenizer(), handle, jobs, ResultsFile(tmp_path / "out.jsonl", key="_id")) == 0
+    records = {r["_id"]: r for r in ResultsFile(tmp_path / "out.jsonl", key="_id").records}
+    assert set(records) == {"s0", "s1", "s2", "agnostic"}
+    assert records["s1"]["answers"] == ["x"] and records["s1"]["kept_tokens"] == 16
+    assert records["agnostic"]["input_tokens"] == 40 and len(records["agnostic"]["pred"].split()) <= 4

@@ -9,6 +9,7 @@ import logging
 import os
 import platform
 import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -211,3 +212,56 @@ def parse_list(text: str | None, cast: type = str) -> list[Any]:
 def chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+@dataclass
+class Job:
+    """One prompt to answer: ``key`` identifies it in the results file; ``record`` is stored beside the prediction.
+
+    With ``question_ids`` set, the job is query-agnostic: ``input_ids`` (the context) is compressed first, then the
+    question is appended (see ``kvfactory.generation.answer_on_compressed_context``).
+    """
+
+    key: str
+    input_ids: list[int]
+    max_new_tokens: int
+    stop_token_ids: list[int]
+    record: dict[str, Any] = field(default_factory=dict)
+    question_ids: list[int] | None = None
+
+
+def run_jobs(model: Any, tokenizer: Any, handle: Any, jobs: list[Job], results: ResultsFile, *, batch_size: int = 1,
+             key_field: str = "_id", description: str = "") -> int:
+    """Answer every job not yet in ``results`` (greedy), appending one record each; returns how many ran.
+
+    Jobs are batched (left padding) when they share ``max_new_tokens`` and stop tokens; each record gets ``pred``,
+    ``input_tokens``, ``kept_tokens`` (mean per layer and KV head after prefill) and ``seconds`` (the batch's wall
+    time divided by its size).
+    """
+    from tqdm import tqdm
+
+    from kvfactory.generation import answer_on_compressed_context, greedy_generate
+
+    pending = [job for job in jobs if not results.done(job.key)]
+    if len(pending) < len(jobs):
+        logger.info("%s: %d of %d already done, resuming", description or results.path, len(jobs) - len(pending), len(jobs))
+    progress = tqdm(total=len(pending), desc=description or results.path.name, unit="sample")
+    groups: dict[tuple[int, tuple[int, ...], bool], list[Job]] = {}
+    for job in pending:
+        groups.setdefault((job.max_new_tokens, tuple(job.stop_token_ids), job.question_ids is not None), []).append(job)
+    for (max_new_tokens, stops, agnostic), group in groups.items():
+        for batch in chunks(group, 1 if agnostic else batch_size):
+            if agnostic:
+                outputs = answer_on_compressed_context(model, tokenizer, handle, batch[0].input_ids,
+                                                       [batch[0].question_ids], max_new_tokens=max_new_tokens,
+                                                       stop_token_ids=list(stops))
+            else:
+                outputs = greedy_generate(model, tokenizer, [job.input_ids for job in batch],
+                                          max_new_tokens=max_new_tokens, stop_token_ids=list(stops))
+            for job, output in zip(batch, outputs):
+                results.append({key_field: job.key, **job.record, "pred": output.text,
+                                "input_tokens": output.prompt_tokens, "kept_tokens": round(output.kept_tokens, 2),
+                                "seconds": round(output.seconds / len(batch), 3)})
+            progress.update(len(batch))
+    progress.close()
+    return len(pending)
