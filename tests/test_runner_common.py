@@ -96,3 +96,19 @@ def test_run_jobs_batches_resumes_and_records(tmp_path) -> None:
     assert set(records) == {"s0", "s1", "s2", "agnostic"}
     assert records["s1"]["answers"] == ["x"] and records["s1"]["kept_tokens"] == 16
     assert records["agnostic"]["input_tokens"] == 40 and len(records["agnostic"]["pred"].split()) <= 4
+
+
+def test_stop_tokens_collect_every_end_of_sequence() -> None:
+    from kvfactory.benchmarks.common import model_stop_token_ids
+
+    class Tokenizer:
+        eos_token_id, unk_token_id = 2, 0
+
+        def get_vocab(self):
+            return {"<|endoftext|>": 0, "<|im_end|>": 2, "<|eot_id|>": 9, "hello": 5}
+
+    class Model:
+        class generation_config:  # noqa: N801
+            eos_token_id = [2, 7]
+
+    assert model_stop_token_ids(Model(), Tokenizer()) == [2, 7, 9]

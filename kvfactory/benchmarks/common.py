@@ -204,6 +204,25 @@ def write_run_meta(folder: Path, args: argparse.Namespace, extra: dict[str, Any]
     return path
 
 
+EXTRA_STOP_TOKENS = ("<|eot_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>", "</s>")
+
+
+def model_stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Every end-of-sequence token the model defines: generation_config's eos (int or list), the tokenizer's eos,
+    and the chat-format ends (``<|eot_id|>``, ``<|end_of_text|>``, ``<|im_end|>``, ...) the vocabulary really has."""
+    found: list[int] = []
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for token_id in configured if isinstance(configured, (list, tuple)) else [configured]:
+        if token_id is not None:
+            found.append(int(token_id))
+    if tokenizer.eos_token_id is not None:
+        found.append(int(tokenizer.eos_token_id))
+    vocabulary = tokenizer.get_vocab()
+    found.extend(vocabulary[token] for token in EXTRA_STOP_TOKENS if token in vocabulary)
+    unknown = tokenizer.unk_token_id
+    return sorted({token_id for token_id in found if token_id != unknown or unknown is None})
+
+
 def parse_list(text: str | None, cast: type = str) -> list[Any]:
     """``"a,b,c"`` → ``[a, b, c]`` (empty → ``[]``)."""
     return [cast(item.strip()) for item in (text or "").split(",") if item.strip()]
