@@ -1,0 +1,75 @@
+"""HeadKV's head-importance file computed for any model, and query-agnostic reuse of a compressed context."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+import kvfactory
+from kvfactory.generation import answer_on_compressed_context
+from kvfactory.retrieval_heads import needle_span, retrieval_head_scores
+from tests.conftest import random_prompt, tiny_model
+
+
+class CharTokenizer:
+    """One token per character (ids 3..122), enough for the passkey prompts of a 128-token tiny model."""
+
+    pad_token_id, eos_token_id, chat_template = 0, 1, None
+
+    class _Encoded:
+        def __init__(self, ids: list[int]) -> None:
+            self.input_ids = ids
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> "CharTokenizer._Encoded":
+        return self._Encoded([ord(c) % 120 + 3 for c in text])
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return "".join(chr(i - 3) if 32 <= i - 3 < 127 else "?" for i in ids)
+
+
+def test_needle_span_finds_the_last_occurrence() -> None:
+    assert needle_span([1, 2, 3, 9, 2, 3, 4], [2, 3]) == range(4, 6)
+
+
+def test_retrieval_head_file_drives_headkv(tmp_path) -> None:
+    model = tiny_model("llama")
+    scores = retrieval_head_scores(model, CharTokenizer(), num_samples=2, length=300, max_new_tokens=4)
+    assert set(scores) == {f"{layer}-{head}" for layer in range(2) for head in range(4)}
+    assert all(len(values) == 2 and all(0 <= v <= 1 for v in values) for values in scores.values())
+    path = tmp_path / "heads.json"
+    path.write_text(json.dumps(scores))
+    with kvfactory.patch(model, "headkv", max_capacity_prompt=24, head_path=str(path)) as handle, torch.no_grad():
+        cache = model(random_prompt(60), use_cache=True).past_key_values
+    assert handle.method.head_scores == scores and len(cache) == 2
+
+
+def test_query_agnostic_answers_equal_fresh_compression() -> None:
+    """Answering several questions on one compressed context (rolled back between questions) gives the same answers
+    as compressing the context afresh for each question alone."""
+    model = tiny_model("llama")
+    model.generation_config.eos_token_id = None
+    context = random_prompt(60, seed=8)[0].tolist()
+    questions = [random_prompt(6, seed=s)[0].tolist() for s in (1, 2, 3)]
+    for name, params in [("snapkv", {"max_capacity_prompt": 20}), ("streamingllm", {"max_capacity_prompt": 20}),
+                         ("adakv", {"max_capacity_prompt": 20}), ("h2o", {"max_capacity_prompt": 20})]:
+        with kvfactory.patch(model, name, **params) as handle:
+            together = answer_on_compressed_context(model, CharTokenizer(), handle, context, questions,
+                                                    max_new_tokens=6)
+            alone = [answer_on_compressed_context(model, CharTokenizer(), handle, context, [q], max_new_tokens=6)[0]
+                     for q in questions]
+        assert [a.new_token_ids for a in together] == [b.new_token_ids for b in alone], name
+        assert all(a.kept_tokens <= 20.5 for a in together)
+
+
+def test_query_agnostic_differs_from_query_aware_for_snapkv() -> None:
+    """SnapKV scores the context with the question when the question is in the prompt (query-aware); the
+    query-agnostic protocol compresses the context alone, so a different set of context tokens survives."""
+    model = tiny_model("llama")
+    context = random_prompt(60, seed=8)[0].tolist()
+    question = random_prompt(8, seed=4)[0].tolist()
+    with kvfactory.patch(model, "snapkv", max_capacity_prompt=12, window_size=4), torch.no_grad():
+        agnostic = model(torch.tensor([context]), use_cache=True).past_key_values
+        aware = model(torch.tensor([context + question]), use_cache=True).past_key_values
+    agnostic_context = set(agnostic.kept_positions(1).flatten().tolist())
+    aware_context = {p for p in aware.kept_positions(1).flatten().tolist() if p < len(context)}
+    assert agnostic_context != aware_context
