@@ -43,6 +43,7 @@ class CompressedCache(Cache):
         self.stores: list[Any] = [None] * num_layers  # DenseStore or another storage's store
         self.query_windows: list[torch.Tensor | None] = [None] * num_layers
         self.prefill_kept: list[list[int]] = [[] for _ in range(num_layers)]  # per layer, per sample
+        self.compressions = [0] * num_layers  # decode-time re-compressions per layer
         self.num_query_heads = 0  # known at the first prefill
         self._seen_tokens = 0
         self.sample_lengths: list[int] | None = None  # real (non-padding) tokens seen by each sample
@@ -87,7 +88,7 @@ class CompressedCache(Cache):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         for layer_idx, store in enumerate(self.stores):
             if store is not None:
-                store.reorder(beam_idx.to(store.keys.device))
+                store.reorder(beam_idx)
             window = self.query_windows[layer_idx]
             if window is not None:
                 self.query_windows[layer_idx] = window.index_select(0, beam_idx.to(window.device))
@@ -105,8 +106,7 @@ class CompressedCache(Cache):
         """The forward finished (``committed``) or failed: advance the logical lengths only in the first case."""
         if committed:
             self._seen_tokens += self._step_tokens
-            previous = self.sample_lengths or [0] * len(self._step_counts)
-            self.sample_lengths = [a + b for a, b in zip(previous, self._step_counts)]
+            self.sample_lengths = self._lengths_after_step()
         self.step_valid = None
         self._step_counts = []
 
@@ -123,10 +123,14 @@ class CompressedCache(Cache):
                 name: store.extra(name).clone() for name in store.extra_names}
             layers.append((store, None if store is None else store.length, extras,
                            None if window is None else window.clone()))
-        return {"seen": self._seen_tokens, "samples": list(self.sample_lengths or []), "layers": layers}
+        return {"seen": self._seen_tokens, "samples": list(self.sample_lengths or []), "layers": layers,
+                "compressions": list(self.compressions)}
 
     def rollback(self, mark: dict[str, Any]) -> None:
         """Return to ``mark``: appended question/answer tokens are dropped, the compressed context stays."""
+        if self.compressions != mark["compressions"]:
+            raise RuntimeError("the cache was re-compressed after mark() (decode_budget reached): cannot roll back; "
+                               "use a decode_budget larger than context + question + answer")
         for layer_idx, (store, length, extras, window) in enumerate(mark["layers"]):
             if self.stores[layer_idx] is not store:
                 raise RuntimeError("the cache was re-compressed after mark() (decode_budget reached): cannot roll back; "
@@ -208,49 +212,39 @@ class CompressedCache(Cache):
         return output
 
     # -- internals ---------------------------------------------------------------------------------------------
+    @staticmethod
+    def _samples(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+                 valid: torch.Tensor | None, lse: torch.Tensor | None) -> list[tuple[Any, ...]]:
+        """The prompt as ``(queries, keys, values, positions, lse)`` parts: the whole batch when nothing is padded,
+        else one part per sample holding only its real tokens (padding never scores and is never kept)."""
+        if valid is None:
+            return [(queries, keys, values, positions, lse)]
+        parts = []
+        for b in range(keys.shape[0]):
+            real = valid[b].nonzero().flatten()
+            parts.append(tuple(None if t is None else t[b : b + 1].index_select(dim, real)
+                               for t, dim in ((queries, 2), (keys, 2), (values, 2), (positions, 1), (lse, 2))))
+        return parts
+
     def _prefill(self, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                  positions: torch.Tensor, valid: torch.Tensor | None, lse: torch.Tensor | None = None) -> None:
-        if getattr(self.method, "headwise", False):
-            self._prefill_headwise(layer_idx, queries, keys, values, positions, valid)
-            return
-        if valid is None:
-            rows = [self._compress_row(layer_idx, queries, keys, values, positions, lse)]
-        else:  # each sample is compressed alone, on its real tokens: padding never scores and is never kept
-            rows = []
-            for b in range(keys.shape[0]):
-                real = valid[b].nonzero().flatten()
-                rows.append(self._compress_row(
-                    layer_idx, queries[b : b + 1].index_select(2, real), keys[b : b + 1].index_select(2, real),
-                    values[b : b + 1].index_select(2, real), positions[b : b + 1].index_select(1, real),
-                    None if lse is None else lse[b : b + 1].index_select(2, real),
-                ))
-        self.stores[layer_idx] = self.storage.build(layer_idx, rows)
-        self.prefill_kept[layer_idx] = [row.keys.shape[-2] for row in rows for _ in range(row.keys.shape[0])]
-        window = self.method.query_window_size
-        if window:
-            self.query_windows[layer_idx] = queries[..., -window:, :].clone()
-
-    def _prefill_headwise(self, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                          positions: torch.Tensor, valid: torch.Tensor | None) -> None:
-        """Head-wise methods keep a different number of tokens per head: ragged storage, no padding anywhere."""
+        parts = self._samples(queries, keys, values, positions, valid, lse)
         heads = keys.shape[1]
-        if valid is None:
-            parts = [(queries, keys, values, positions)]
+        if getattr(self.method, "headwise", False):  # each head keeps its own count: ragged storage, no padding
+            stores = [
+                RaggedStore.from_mask(part_keys, part_values, part_positions[:, None, :].expand(-1, heads, -1),
+                                      self.method.select_mask(  # type: ignore[attr-defined]
+                                          part_queries, part_keys, part_values, layer_idx=layer_idx,
+                                          num_layers=self.num_layers))
+                for part_queries, part_keys, part_values, part_positions, _ in parts
+            ]
+            store = stores[0] if len(stores) == 1 else RaggedStore.concat(stores)
+            self.prefill_kept[layer_idx] = [round(k) for k in store.kept_per_sample()]
         else:
-            parts = []
-            for b in range(keys.shape[0]):
-                real = valid[b].nonzero().flatten()
-                parts.append((queries[b : b + 1].index_select(2, real), keys[b : b + 1].index_select(2, real),
-                              values[b : b + 1].index_select(2, real), positions[b : b + 1].index_select(1, real)))
-        stores = []
-        for part_queries, part_keys, part_values, part_positions in parts:
-            keep = self.method.select_mask(part_queries, part_keys, part_values, layer_idx=layer_idx,  # type: ignore[attr-defined]
-                                           num_layers=self.num_layers)
-            stores.append(RaggedStore.from_mask(part_keys, part_values,
-                                                part_positions[:, None, :].expand(-1, heads, -1), keep))
-        store = stores[0] if len(stores) == 1 else RaggedStore.concat(stores)
+            rows = [self._compress_row(layer_idx, *part) for part in parts]
+            store = self.storage.build(layer_idx, rows)
+            self.prefill_kept[layer_idx] = [row.keys.shape[-2] for row in rows for _ in range(row.keys.shape[0])]
         self.stores[layer_idx] = store
-        self.prefill_kept[layer_idx] = [round(k) for k in store.kept_per_sample()]
         window = self.method.query_window_size
         if window:
             self.query_windows[layer_idx] = queries[..., -window:, :].clone()
@@ -280,6 +274,7 @@ class CompressedCache(Cache):
                 capacity=capacities[b], key_valid=valid[row],
             )
         self.stores[layer_idx] = RaggedStore.from_mask(keys, values, positions, keep)
+        self.compressions[layer_idx] += 1
 
     def _compress_row(self, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                       positions: torch.Tensor, lse: torch.Tensor | None) -> StoreRow:
@@ -343,6 +338,7 @@ class CompressedCache(Cache):
             extras = {SCORES: kept.scores} if SCORES in view.extras and kept.scores is not None else {}
             rows.append(StoreRow(kept.keys, kept.values, view.positions.gather(2, kept.indices), extras))
         self.stores[layer_idx] = store.replace_rows(rows)
+        self.compressions[layer_idx] += 1
 
 
 def cache_nbytes(past_key_values: Any) -> int:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import torch
 
 import kvfactory
@@ -73,3 +75,24 @@ def test_query_agnostic_differs_from_query_aware_for_snapkv() -> None:
     agnostic_context = set(agnostic.kept_positions(1).flatten().tolist())
     aware_context = {p for p in aware.kept_positions(1).flatten().tolist() if p < len(context)}
     assert agnostic_context != aware_context
+
+
+def test_rollback_is_refused_after_a_decode_time_recompression() -> None:
+    model = tiny_model("llama")
+    with kvfactory.patch(model, "snapkv", max_capacity_prompt=16, decode_budget=18) as handle, torch.no_grad():
+        cache = handle.new_cache()
+        output = model(random_prompt(40), past_key_values=cache, use_cache=True)
+        mark = cache.mark()
+        for _ in range(4):  # the third step reaches the budget and compacts the store in place
+            output = model(output.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+    with pytest.raises(RuntimeError, match="re-compressed after mark"):
+        cache.rollback(mark)
+
+
+@pytest.mark.parametrize("name", ["snapkv", "adakv", "h2o"])
+def test_beam_search_reorders_the_cache(name: str) -> None:
+    model = tiny_model("llama")
+    ids = random_prompt(40)
+    with kvfactory.patch(model, name, max_capacity_prompt=16), torch.no_grad():
+        output = model.generate(ids, num_beams=3, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert output.shape == (1, 45)

@@ -169,6 +169,7 @@ class DenseStore:
 
     def reorder(self, batch_index: torch.Tensor) -> None:
         """Reorder the batch (beam search)."""
+        batch_index = batch_index.to(self._keys.device)
         self._keys = self._keys.index_select(0, batch_index)
         self._values = self._values.index_select(0, batch_index)
         self._positions = self._positions.index_select(0, batch_index)

@@ -119,6 +119,12 @@ class RaggedStore:
                valid: torch.Tensor | None = None) -> None:
         self.tail.append(keys, values, positions, valid)
 
+    def reorder(self, batch_index: torch.Tensor) -> None:
+        """Reorder the batch (beam search); the tail is folded into the prefix."""
+        batch_index = batch_index.to(self.flat_keys.device)
+        keys, values, positions, valid = (t.index_select(0, batch_index) for t in self.padded())
+        self.__dict__.update(RaggedStore.from_mask(keys, values, positions, valid).__dict__)
+
     def truncate(self, length: int) -> None:
         """Drop tail tokens beyond ``length`` slots of the longest head (the prefix is never cut)."""
         self.tail.truncate(max(0, length - int(self.lengths.max())))
