@@ -72,15 +72,19 @@ class CompressedCache(Cache):
         return sum(store is not None for store in self.stores)
 
     def __getitem__(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of a layer, ``(B, Hkv, T, d)`` (a ragged layer as a left-padded copy, for inspection)."""
         store = self.stores[layer_idx]
         if store is None:
             raise KeyError(f"layer {layer_idx} holds nothing yet")
+        if isinstance(store, RaggedStore):
+            keys, values, _, _ = store.padded()
+            return keys, values
         return store.keys, store.values
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for store in self.stores:
+        for layer_idx, store in enumerate(self.stores):
             if store is not None:
-                yield store.keys, store.values
+                yield self[layer_idx]
 
     def to_legacy_cache(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
         return tuple(self)

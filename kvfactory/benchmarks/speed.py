@@ -1,42 +1,65 @@
 """Latency and memory of one configuration, measured the same way for FullKV, every method and the unpatched model.
 
-A run = a prefill forward (time to first token: the decoder stack on the whole prompt plus the LM head on the last
-position only, so the cost of a full-vocabulary logits tensor does not hide the attention's) then ``new_tokens``
-greedy decode steps, each timed on its own. TPOT is the median step. The unpatched baseline uses transformers'
-``DynamicCache`` (what ``generate`` uses), or legacy tuples for GPT-NeoX in 4.44.2.
+A run = a prefill forward then ``new_tokens - 1`` greedy decode steps, each timed on its own:
+
+- ``prefill_seconds``: the decoder stack on the whole prompt (compression included);
+- ``ttft_seconds``: prefill plus the LM head on the last position only and the argmax (the first token exists), so
+  the cost of a full-vocabulary logits tensor does not hide the attention's;
+- ``tpot_seconds``: the median decode step (decoder + head + argmax); ``total_seconds`` = TTFT + all steps;
+- memory: ``cache_bytes`` (the cache's real bytes, :func:`kvfactory.cache_nbytes`) and the peak during a run:
+  CUDA ``max_memory_allocated`` on GPU; on CPU the process's peak RSS (VmHWM, reset before each run through
+  ``/proc/self/clear_refs``; where that is not possible, the lifetime ``ru_maxrss`` and ``peak_memory_resettable``
+  says so). ``peak_memory_over_start_bytes`` subtracts what was in use when the run started (weights etc.).
+
+The unpatched baseline uses transformers' ``DynamicCache`` (what ``generate`` uses), or legacy tuples for GPT-NeoX
+in 4.44.2. :func:`compare` runs several configurations round-robin (warm-up, then repeat r of every configuration
+before repeat r+1), so every ratio to FullKV is taken side by side; :func:`sweep` does it per context length; the
+CLI is ``python run_speed.py`` (repository root).
 """
 from __future__ import annotations
 
 import gc
+import json
+import re
 import resource
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 from transformers.cache_utils import DynamicCache
 
 from kvfactory.cache import CompressedCache, cache_nbytes
 
+UNPATCHED = "unpatched"
+RATIO_COLUMNS = ("prefill_speedup", "ttft_speedup", "tpot_speedup", "throughput_ratio", "cache_bytes_ratio",
+                 "peak_memory_ratio", "peak_memory_over_start_ratio")
+
 
 @dataclass
 class SpeedResult:
-    """One measured configuration (seconds, bytes, tokens). Medians over repeats."""
+    """One measured configuration (seconds, bytes, tokens). Times are medians over repeats, peaks the maximum."""
 
     method: str
     context_length: int
     batch_size: int
     new_tokens: int
-    prefill_seconds: float  # = time to first token
+    prefill_seconds: float  # decoder stack on the prompt
     tpot_seconds: float  # median decode step
     decode_seconds: float  # all decode steps
-    throughput_tokens_per_second: float  # generated tokens / (prefill + decode), whole batch
+    throughput_tokens_per_second: float  # generated tokens / (TTFT + decode), whole batch
     prefill_cache_bytes: int  # right after prefill
     cache_bytes: int  # after the last step
     kept_tokens: float  # mean per layer and head after prefill
-    peak_memory_bytes: int  # CUDA max allocated, or the process's peak RSS on CPU (monotonic)
+    peak_memory_bytes: int  # CUDA max allocated, or the process's peak RSS on CPU (see the module docstring)
     step_seconds: list[float] = field(default_factory=list, repr=False)
+    ttft_seconds: float = 0.0  # prefill + LM head on the last position + argmax
+    total_seconds: float = 0.0  # TTFT + decode
+    peak_memory_over_start_bytes: int = 0  # peak minus what was in use when the run started
+    peak_memory_resettable: bool = True  # False: CPU peak is the process lifetime's (ru_maxrss)
+    label: str = ""  # the configuration's name in a comparison (default: method)
 
     def as_row(self) -> dict[str, Any]:
         row = asdict(self)
@@ -44,15 +67,58 @@ class SpeedResult:
         return row
 
 
+@dataclass
+class RunTiming:
+    """One timed run: seconds, the cache it left, kept tokens and bytes after prefill, and memory."""
+
+    prefill: float
+    ttft: float
+    steps: list[float]
+    cache: Any
+    kept: list[float] | None
+    prefill_bytes: int
+    final_bytes: int
+    peak: int
+    start: int
+    resettable: bool
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
+def _proc_status_kib(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_memory(device: torch.device) -> tuple[int, bool]:
+    """Reset the peak counter; returns (bytes in use now, whether the peak could be reset)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device), True
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+            handle.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        resettable = True
+    except OSError:
+        resettable = False
+    rss = _proc_status_kib("VmRSS")
+    return (rss or 0) * 1024, resettable
+
+
 def _peak_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    hwm = _proc_status_kib("VmHWM")
+    return hwm * 1024 if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _fresh_cache(model: Any) -> Any:
@@ -63,18 +129,21 @@ def _fresh_cache(model: Any) -> Any:
 
 
 @torch.no_grad()
-def run_once(model: Any, input_ids: torch.Tensor, new_tokens: int, attention_mask: torch.Tensor | None = None
-             ) -> tuple[float, list[float], Any]:
-    """Prefill then ``new_tokens - 1`` decode steps; returns (prefill seconds, step seconds,
-    (cache, kept tokens per layer after prefill, cache bytes after prefill))."""
+def run_timed(model: Any, input_ids: torch.Tensor, new_tokens: int, attention_mask: torch.Tensor | None = None
+              ) -> RunTiming:
+    """Prefill then ``new_tokens - 1`` greedy decode steps, every part timed (see the module docstring)."""
     device = input_ids.device
     decoder, head = model.base_model, model.get_output_embeddings()
+    gc.collect()
+    start, resettable = _reset_peak_memory(device)
     _synchronize(device)
     started = time.perf_counter()
     output = decoder(input_ids, attention_mask=attention_mask, past_key_values=_fresh_cache(model), use_cache=True)
-    token = head(output.last_hidden_state[:, -1:]).argmax(-1)
     _synchronize(device)
     prefill = time.perf_counter() - started
+    token = head(output.last_hidden_state[:, -1:]).argmax(-1)
+    _synchronize(device)
+    ttft = time.perf_counter() - started
     cache = output.past_key_values
     kept = cache.mean_kept_tokens() if isinstance(cache, CompressedCache) else None
     prefill_bytes = cache_nbytes(cache)
@@ -88,35 +157,180 @@ def run_once(model: Any, input_ids: torch.Tensor, new_tokens: int, attention_mas
         _synchronize(device)
         steps.append(time.perf_counter() - started)
         cache = output.past_key_values
-    return prefill, steps, (cache, kept, prefill_bytes)
+    peak = _peak_memory(device)
+    return RunTiming(prefill, ttft, steps, cache, kept, prefill_bytes, cache_nbytes(cache), peak, start, resettable)
+
+
+def run_once(model: Any, input_ids: torch.Tensor, new_tokens: int, attention_mask: torch.Tensor | None = None
+             ) -> tuple[float, list[float], Any]:
+    """Prefill then ``new_tokens - 1`` decode steps; returns (TTFT seconds, step seconds,
+    (cache, kept tokens per layer after prefill, cache bytes after prefill))."""
+    run = run_timed(model, input_ids, new_tokens, attention_mask)
+    return run.ttft, run.steps, (run.cache, run.kept, run.prefill_bytes)
+
+
+def summarize(method: str, input_ids: torch.Tensor, new_tokens: int, runs: Sequence[RunTiming], label: str = ""
+              ) -> SpeedResult:
+    """Medians (times) and maxima (peaks) over ``runs`` of one configuration."""
+    if not runs:
+        raise ValueError("summarize needs at least one run")
+    steps = [s for run in runs for s in run.steps]
+    prefill = statistics.median(run.prefill for run in runs)
+    ttft = statistics.median(run.ttft for run in runs)
+    decode = statistics.median(sum(run.steps) for run in runs)
+    batch, length = input_ids.shape
+    last = runs[-1]
+    peak = max(run.peak for run in runs)
+    return SpeedResult(
+        method=method, context_length=length, batch_size=batch, new_tokens=new_tokens, prefill_seconds=prefill,
+        tpot_seconds=statistics.median(steps) if steps else 0.0, decode_seconds=decode,
+        throughput_tokens_per_second=batch * new_tokens / (ttft + decode), prefill_cache_bytes=last.prefill_bytes,
+        cache_bytes=last.final_bytes,
+        kept_tokens=sum(last.kept) / len(last.kept) if last.kept else float(length), peak_memory_bytes=peak,
+        step_seconds=steps, ttft_seconds=ttft, total_seconds=ttft + decode,
+        peak_memory_over_start_bytes=max(run.peak - run.start for run in runs),
+        peak_memory_resettable=all(run.resettable for run in runs), label=label or method,
+    )
 
 
 def measure(model: Any, input_ids: torch.Tensor, *, method: str, new_tokens: int = 16, repeats: int = 3,
             warmup: int = 1, attention_mask: torch.Tensor | None = None) -> SpeedResult:
     """Median latency of ``repeats`` runs (after ``warmup``) of the model as it is (patched or not); a padded batch
     passes its ``attention_mask``."""
-    device = input_ids.device
     for _ in range(warmup):
-        run_once(model, input_ids, min(new_tokens, 2), attention_mask)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    prefills, all_steps = [], []
-    cache_state = None
+        run_timed(model, input_ids, min(new_tokens, 2), attention_mask)
+    runs = [run_timed(model, input_ids, new_tokens, attention_mask) for _ in range(repeats)]
+    return summarize(method, input_ids, new_tokens, runs)
+
+
+# -- several configurations side by side ------------------------------------------------------------------------
+@dataclass
+class MethodSpec:
+    """A method and its parameters under a label (``fullkv``, ``streamingllm:max_capacity_prompt=256``)."""
+
+    method: str
+    params: dict[str, Any] = field(default_factory=dict)
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.label:
+            self.label = self.method + ("" if not self.params else ":" + ",".join(
+                f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in self.params.items()))
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None if text.lower() == "none" else text
+
+
+def parse_method_spec(spec: str) -> MethodSpec:
+    """``name[:key=value,key=value][@label]`` → :class:`MethodSpec` (values parsed as JSON where they can be:
+    ``256``, ``0.5``, ``[0,1]``, ``null``; otherwise strings; the label defaults to the spec itself).
+    ``unpatched`` names the model without kvfactory's patch."""
+    spec, _, label = spec.strip().partition("@")
+    name, _, rest = spec.strip().partition(":")
+    params: dict[str, Any] = {}
+    for item in re.split(r",(?![^\[]*\])", rest) if rest else []:
+        key, equals, value = item.partition("=")
+        if not equals or not key.strip():
+            raise ValueError(f"bad method spec {spec!r}: parameters are key=value pairs after ':', e.g. "
+                             "streamingllm:max_capacity_prompt=256,decode_budget=256")
+        params[key.strip()] = _parse_value(value.strip())
+    if name != UNPATCHED:
+        from kvfactory import methods
+
+        methods.get(name, **params)  # unknown methods / parameters fail here, before any model runs
+    return MethodSpec(name, params, label.strip() or spec.strip())
+
+
+def _patched(model: Any, spec: MethodSpec) -> Any:
+    import contextlib
+
+    import kvfactory
+
+    return contextlib.nullcontext() if spec.method == UNPATCHED else kvfactory.patch(model, spec.method, **spec.params)
+
+
+def compare(model: Any, input_ids: torch.Tensor, specs: Sequence[MethodSpec], *, new_tokens: int = 16,
+            repeats: int = 3, warmup: int = 1, on_run: Callable[[], None] | None = None) -> list[SpeedResult]:
+    """Measure every configuration on the same prompt, round-robin: all warm-ups, then repeat 1 of each, repeat 2 of
+    each, ... (machine drift hits every configuration alike). ``on_run`` is called after each run (progress)."""
+    runs: dict[str, list[RunTiming]] = {spec.label: [] for spec in specs}
+    if len(runs) != len(specs):
+        raise ValueError("configuration labels must be distinct")
+    for spec in specs:
+        for _ in range(warmup):
+            with _patched(model, spec):
+                run_timed(model, input_ids, min(new_tokens, 2))
     for _ in range(repeats):
-        gc.collect()
-        prefill, steps, cache_state = run_once(model, input_ids, new_tokens, attention_mask)
-        prefills.append(prefill)
-        all_steps.append(steps)
-    cache, kept, prefill_bytes = cache_state
-    per_run_decode = [sum(steps) for steps in all_steps]
-    tpot = statistics.median([s for steps in all_steps for s in steps]) if new_tokens > 1 else 0.0
-    prefill = statistics.median(prefills)
-    decode = statistics.median(per_run_decode)
-    batch, length = input_ids.shape
-    return SpeedResult(
-        method=method, context_length=length, batch_size=batch, new_tokens=new_tokens, prefill_seconds=prefill,
-        tpot_seconds=tpot, decode_seconds=decode,
-        throughput_tokens_per_second=batch * new_tokens / (prefill + decode),
-        prefill_cache_bytes=prefill_bytes, cache_bytes=cache_nbytes(cache), kept_tokens=sum(kept) / len(kept) if kept else float(length),
-        peak_memory_bytes=_peak_memory(device), step_seconds=[s for steps in all_steps for s in steps],
-    )
+        for spec in specs:
+            with _patched(model, spec):
+                runs[spec.label].append(run_timed(model, input_ids, new_tokens))
+            runs[spec.label][-1].cache = None  # keep only numbers: a held cache would weigh on the next runs
+            if on_run is not None:
+                on_run()
+    return [summarize(spec.method, input_ids, new_tokens, runs[spec.label], spec.label) for spec in specs]
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator else float("nan")
+
+
+def ratios(result: SpeedResult, baseline: SpeedResult) -> dict[str, float]:
+    """Speedups (baseline time ÷ this time: > 1 is faster) and ratios (this ÷ baseline: < 1 is smaller)."""
+    return {
+        "prefill_speedup": _ratio(baseline.prefill_seconds, result.prefill_seconds),
+        "ttft_speedup": _ratio(baseline.ttft_seconds, result.ttft_seconds),
+        "tpot_speedup": _ratio(baseline.tpot_seconds, result.tpot_seconds),
+        "throughput_ratio": _ratio(result.throughput_tokens_per_second, baseline.throughput_tokens_per_second),
+        "cache_bytes_ratio": _ratio(result.cache_bytes, baseline.cache_bytes),
+        "peak_memory_ratio": _ratio(result.peak_memory_bytes, baseline.peak_memory_bytes),
+        "peak_memory_over_start_ratio": _ratio(result.peak_memory_over_start_bytes,
+                                               baseline.peak_memory_over_start_bytes),
+    }
+
+
+def rows_with_ratios(results: Sequence[SpeedResult], baseline_label: str = "fullkv") -> list[dict[str, Any]]:
+    """``as_row()`` of every result plus :func:`ratios` against the result labelled ``baseline_label``."""
+    baseline = next((r for r in results if r.label == baseline_label), None)
+    if baseline is None:
+        raise ValueError(f"no result labelled {baseline_label!r} among {[r.label for r in results]}")
+    return [{**r.as_row(), **ratios(r, baseline)} for r in results]
+
+
+def sweep(model: Any, prompt: Callable[[int], torch.Tensor], lengths: Sequence[int], specs: Sequence[MethodSpec], *,
+          new_tokens: int = 32, repeats: int = 3, warmup: int = 1, baseline_label: str = "fullkv",
+          progress: bool = True) -> list[dict[str, Any]]:
+    """:func:`compare` at every context length (``prompt(n)`` gives a ``(1, n)`` prompt); rows carry the ratios to
+    ``baseline_label`` measured at the same length in the same run."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(lengths) * len(specs) * repeats, desc="speed sweep", unit="run", disable=not progress)
+    rows: list[dict[str, Any]] = []
+    for length in lengths:
+        bar.set_postfix(context=length)
+        results = compare(model, prompt(length), specs, new_tokens=new_tokens, repeats=repeats, warmup=warmup,
+                          on_run=lambda: bar.update(1))
+        rows.extend(rows_with_ratios(results, baseline_label))
+    bar.close()
+    return rows
+
+
+def write_rows(rows: Sequence[dict[str, Any]], stem: Path) -> tuple[Path, Path]:
+    """Write ``stem.csv`` and ``stem.json`` (the same rows; nested values JSON-encoded in the CSV)."""
+    import csv
+
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(key for key in row if key not in columns)
+    csv_path, json_path = stem.with_suffix(".csv"), stem.with_suffix(".json")
+    with open(csv_path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in row.items()})
+    json_path.write_text(json.dumps(list(rows), indent=1, default=str))
+    return csv_path, json_path
