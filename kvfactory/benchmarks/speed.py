@@ -199,7 +199,10 @@ def measure(model: Any, input_ids: torch.Tensor, *, method: str, new_tokens: int
     passes its ``attention_mask``."""
     for _ in range(warmup):
         run_timed(model, input_ids, min(new_tokens, 2), attention_mask)
-    runs = [run_timed(model, input_ids, new_tokens, attention_mask) for _ in range(repeats)]
+    runs = []
+    for _ in range(repeats):
+        runs.append(run_timed(model, input_ids, new_tokens, attention_mask))
+        runs[-1].cache = None  # keep only numbers: a held cache would weigh on the next runs
     return summarize(method, input_ids, new_tokens, runs)
 
 

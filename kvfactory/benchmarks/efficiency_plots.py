@@ -1,0 +1,186 @@
+"""PNG plots of the efficiency results (matplotlib, Agg backend): accuracy and cost against the budget, latency
+against the context length, and streaming latency / running PPL against the position in the stream.
+
+``python run_ppl.py plot --results_dir results_ppl`` redraws every plot from the JSON files the runners wrote:
+``*_kv_metrics.json`` (grid), ``*_speed_vs_context.json`` (``run_speed.py``), ``*_streaming_ppl.json`` (streaming).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+logger = logging.getLogger(__name__)
+
+SECONDS_SUFFIX = "_seconds"
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _scaled(metric: str, value: float) -> float:
+    return value * 1e3 if metric.endswith(SECONDS_SUFFIX) else value
+
+
+def _axis_label(metric: str) -> str:
+    if metric == "ppl":
+        return "suffix PPL"
+    return metric[: -len(SECONDS_SUFFIX)].upper() + " (ms)" if metric.endswith(SECONDS_SUFFIX) else metric
+
+
+def _budget_plot(rows: Sequence[dict[str, Any]], metric: str, path: Path, title: str) -> Path:
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    by_method: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    baseline = None
+    for row in rows:
+        if row.get(metric) is None or (isinstance(row[metric], float) and math.isnan(row[metric])):
+            continue
+        if row.get("budget") in (None, ""):
+            baseline = _scaled(metric, row[metric])
+        else:
+            by_method[row["method"]].append((float(row["budget"]), _scaled(metric, row[metric])))
+    for method, points in sorted(by_method.items()):
+        points.sort()
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+    if baseline is not None:
+        axis.axhline(baseline, color="black", linestyle="--", linewidth=1, label="fullkv")
+    unit = next((row.get("budget_unit") for row in rows if row.get("budget_unit")), "ratio")
+    axis.set_xlabel("budget (share of the prefix kept)" if unit == "ratio" else "budget (tokens kept per layer/head)")
+    axis.set_ylabel(_axis_label(metric))
+    if metric == "ppl" and baseline is not None:
+        values = [v for points in by_method.values() for _, v in points] + [baseline]
+        if max(values) > 3 * baseline:  # one method far off would flatten the rest: log scale
+            axis.set_yscale("log")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def plot_budget_curves(rows: Sequence[dict[str, Any]], folder: Path, time_metric: str | None = "tpot_seconds"
+                       ) -> list[Path]:
+    """``{model}_{dataset}_ppl_vs_budget.png`` and ``{model}_{dataset}_{time_metric}_vs_budget.png`` per dataset."""
+    folder.mkdir(parents=True, exist_ok=True)
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        groups[(str(row.get("model", "model")), str(row.get("dataset", "data")))].append(row)
+    paths = []
+    for (model, dataset), group in groups.items():
+        setting = f"max_length {group[0].get('max_length')}, prefix {group[0].get('prefix_ratio')}"
+        paths.append(_budget_plot(group, "ppl", folder / f"{model}_{dataset}_ppl_vs_budget.png",
+                                  f"{model} on {dataset}: suffix PPL ({setting})"))
+        if time_metric and any(time_metric in row for row in group):
+            name = time_metric.replace(SECONDS_SUFFIX, "")
+            paths.append(_budget_plot(group, time_metric, folder / f"{model}_{dataset}_{name}_vs_budget.png",
+                                      f"{model} on {dataset}: {_axis_label(time_metric)} at the prefix length"))
+    return paths
+
+
+def plot_latency_vs_context(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:
+    """Three panels against the context length, one line per configuration: TPOT, TTFT, cache MiB."""
+    plt = _pyplot()
+    panels = (("tpot_seconds", "TPOT (ms)"), ("ttft_seconds", "TTFT (ms)"), ("cache_bytes", "cache after decode (MiB)"))
+    figure, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    by_label: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        by_label[row.get("label") or row["method"]].append(row)
+    for label, group in by_label.items():
+        group.sort(key=lambda r: r["context_length"])
+        lengths = [r["context_length"] for r in group]
+        for axis, (metric, name) in zip(axes, panels):
+            scale = 1e3 if metric.endswith(SECONDS_SUFFIX) else 1 / 2**20
+            axis.plot(lengths, [r[metric] * scale for r in group], marker="o", label=label)
+    for axis, (_, name) in zip(axes, panels):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("context length (tokens)")
+        axis.set_ylabel(name)
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.suptitle(title or "latency and cache size against the context length")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def _rolling_median(values: Sequence[float], width: int) -> list[float]:
+    import numpy as np
+
+    data = np.asarray(values, dtype=np.float64)
+    return [float(np.median(data[max(0, i - width + 1) : i + 1])) for i in range(len(data))]
+
+
+def plot_streaming(records: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:
+    """Per-step latency (rolling median over 64 steps) and running PPL against the position in the stream, for the
+    streaming records (``step_seconds``, ``window_nll`` per fed chunk, ``chunk_size``)."""
+    import numpy as np
+
+    plt = _pyplot()
+    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for record in records:
+        chunk = record.get("chunk_size") or 1
+        steps, nll = record.get("step_seconds") or [], record.get("window_nll") or []
+        if record.get("mode") == "streaming" and steps:
+            positions = np.arange(1, len(steps) + 1) * chunk
+            left.plot(positions, [s * 1e3 for s in _rolling_median(steps, 64)], label=record["label"], linewidth=1)
+        if nll:
+            width = record.get("window", chunk) if record.get("mode") == "chunked" else chunk
+            counts = np.minimum(np.arange(1, len(nll) + 1) * width, record["tokens"])
+            right.plot(counts, np.exp(np.cumsum(nll) / counts), label=record["label"], linewidth=1)
+    left.set_xlabel("position in the stream (tokens)")
+    left.set_ylabel("latency per fed chunk (ms, rolling median)")
+    right.set_xlabel("tokens scored")
+    right.set_ylabel("running PPL")
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.suptitle(title or "streaming perplexity")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def plot_results_dir(results_dir: Path, time_metric: str = "tpot_seconds") -> list[Path]:
+    """Redraw every plot from the JSON results under ``results_dir`` (beside each JSON file)."""
+    paths: list[Path] = []
+    for source in sorted(results_dir.rglob("*_kv_metrics.json")):
+        paths += plot_budget_curves(json.loads(source.read_text()), source.parent, time_metric)
+    for source in sorted(results_dir.rglob("*_speed_vs_context.json")):
+        stem = source.name[: -len(".json")]
+        paths.append(plot_latency_vs_context(json.loads(source.read_text()), source.parent / f"{stem}.png", stem))
+    for source in sorted(results_dir.rglob("*_streaming_ppl.json")):
+        stem = source.name[: -len(".json")]
+        paths.append(plot_streaming(json.loads(source.read_text()), source.parent / f"{stem}.png", stem))
+    if not paths:
+        logger.warning("no *_kv_metrics.json, *_speed_vs_context.json or *_streaming_ppl.json under %s", results_dir)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="run_ppl.py plot", description=__doc__.split("\n")[0])
+    parser.add_argument("--results_dir", type=Path, default=Path("results_ppl"))
+    parser.add_argument("--time_metric", default="tpot_seconds",
+                        help="time column against the budget: tpot_seconds, ttft_seconds, prefill_seconds, "
+                             "total_seconds, throughput_tokens_per_second, tpot_speedup, ...")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    for path in plot_results_dir(args.results_dir, args.time_metric):
+        print(path)
+    return 0
