@@ -9,6 +9,7 @@ line with at least ``index``, ``pred`` and ``outputs``.
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import logging
@@ -18,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 __all__ = [
     "postprocess_pred", "string_match_all", "string_match_part", "TASK_METRICS", "metric_for", "score_task",
-    "read_predictions", "score_results",
+    "read_predictions", "score_results", "format_table", "main",
 ]
 
 logger = logging.getLogger(__name__)
@@ -191,3 +192,48 @@ def score_results(results_dir: str | Path) -> dict[str, dict[str, float]]:
         for method in methods:
             writer.writerow([method, *(table[method].get(c, "") for c in columns)])
     return {method: table[method] for method in methods}
+
+
+def format_table(scores: dict[str, dict[str, float]], *, seconds: dict[str, float] | None = None) -> str:
+    """A Markdown table of :func:`score_results`' output: one row per method, one column per ``{length}/{task}``
+    (then the means), and a ``wall s`` column when ``seconds`` (per method) is given."""
+    columns: list[str] = []
+    for row in scores.values():
+        columns.extend(c for c in row if c not in columns)
+    columns.sort(key=_column_order)
+    header = ["method", *columns] + (["wall s"] if seconds is not None else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, row in scores.items():
+        cells = [method, *(f"{row[c]:.2f}" if c in row else "" for c in columns)]
+        if seconds is not None:
+            cells.append(f"{seconds[method]:.0f}" if method in seconds else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _column_order(column: str) -> tuple[int, int, str]:
+    """``{length}/{task}`` by length, then RULER's task order, the length's mean last; the overall mean at the end."""
+    length, _, task = column.partition("/")
+    if not task or not length.isdigit():
+        return (1 << 62, 0, column)
+    return (int(length), len(TASK_METRICS) + 1, task) if task == "average" else (int(length), *_task_order(task))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m kvfactory.metrics.ruler --results_dir DIR``: score DIR, write the files, print the table."""
+    parser = argparse.ArgumentParser(description="Score RULER results ({results_dir}/{length}/{task}/{method}.jsonl)")
+    parser.add_argument("--results_dir", required=True, help="a {save_dir}/{model}_{C} folder of run_ruler.py")
+    args = parser.parse_args(argv)
+    try:
+        scores = score_results(args.results_dir)
+    except FileNotFoundError as error:
+        parser.error(str(error))
+    if not scores:
+        parser.error(f"no {{length}}/{{task}}/{{method}}.jsonl results under {args.results_dir}")
+    print(format_table(scores))
+    print(f"written: {Path(args.results_dir) / 'results.csv'} and per-task metrics.json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

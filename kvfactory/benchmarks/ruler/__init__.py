@@ -73,7 +73,8 @@ def generate(
     qa_data : str or Path, optional
         Folder with ``squad.json`` / ``hotpotqa.json`` for qa_1 / qa_2.
     template : str
-        Model template name (:data:`MODEL_TEMPLATES`); KVCache-Factory's files use ``base``.
+        Model template name (:data:`MODEL_TEMPLATES`; KVCache-Factory's files use ``base``) or a wrapper string
+        with ``{task_template}`` (e.g. the model's chat template, :func:`~.runner.chat_wrapper`).
     remove_newline_tab : bool
         RULER's ``--remove_newline_tab``.
 
@@ -83,10 +84,10 @@ def generate(
         Essays or QA data needed but not available (a runner can skip the task).
     KeyError
         Unknown task or template.
+    ValueError
+        A wrapper string with other braces, or bad lengths.
     """
     config = task_config(task)
-    if template not in MODEL_TEMPLATES:
-        raise KeyError(f"unknown RULER model template {template!r}; accepted: {', '.join(MODEL_TEMPLATES)}")
     if max_seq_length <= 0 or num_samples < 0:
         raise ValueError(f"need max_seq_length > 0 and num_samples >= 0 (got {max_seq_length}, {num_samples})")
     count = as_token_counter(tokenizer)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
-    "TASK_TEMPLATES", "MODEL_TEMPLATES", "SYNTHETIC", "TASKS", "NOISE", "build_template",
+    "TASK_TEMPLATES", "MODEL_TEMPLATES", "SYNTHETIC", "TASKS", "NOISE", "build_template", "model_wrapper",
     "tokens_to_generate", "task_config",
 ]
 
@@ -153,6 +153,31 @@ def tokens_to_generate(task: str) -> int:
     return int(task_config(task)["tokens_to_generate"])
 
 
+def model_wrapper(template: str) -> str:
+    """The model wrapper a template argument names: a key of :data:`MODEL_TEMPLATES`, or a wrapper string itself.
+
+    A wrapper string (e.g. a tokenizer's chat template rendered around a placeholder, see
+    :func:`kvfactory.benchmarks.ruler.runner.chat_wrapper`) must contain ``{task_template}`` exactly once and no
+    other braces.
+
+    Raises
+    ------
+    KeyError
+        For a name that is not a model template.
+    ValueError
+        For a wrapper string with other braces or a repeated placeholder.
+    """
+    if template in MODEL_TEMPLATES:
+        return MODEL_TEMPLATES[template]
+    if "{task_template}" not in template:
+        raise KeyError(f"unknown RULER model template {template!r}; accepted: {', '.join(MODEL_TEMPLATES)} or a "
+                       "wrapper string containing {task_template}")
+    rest = template.replace("{task_template}", "", 1)
+    if "{" in rest or "}" in rest:
+        raise ValueError(f"a RULER model wrapper may hold no braces besides one {{task_template}}: {template!r}")
+    return template
+
+
 def build_template(generator: str, template: str = "base") -> str:
     """The final template of ``prepare.py``: the model wrapper around the task template, then the answer prefix.
 
@@ -161,9 +186,8 @@ def build_template(generator: str, template: str = "base") -> str:
     generator : str
         A key of :data:`TASK_TEMPLATES` (``niah``, ``variable_tracking``, ...).
     template : str
-        A key of :data:`MODEL_TEMPLATES` (``base``, ``meta-chat``, ``meta-llama3``, ...).
+        A key of :data:`MODEL_TEMPLATES` (``base``, ``meta-chat``, ``meta-llama3``, ...) or a wrapper string
+        (see :func:`model_wrapper`).
     """
-    if template not in MODEL_TEMPLATES:
-        raise KeyError(f"unknown RULER model template {template!r}; accepted: {', '.join(MODEL_TEMPLATES)}")
     fields = TASK_TEMPLATES[generator]
-    return MODEL_TEMPLATES[template].format(task_template=fields["template"]) + fields["answer_prefix"]
+    return model_wrapper(template).format(task_template=fields["template"]) + fields["answer_prefix"]

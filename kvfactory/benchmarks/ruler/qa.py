@@ -60,7 +60,7 @@ def load_qa(dataset: str, qa_data: str | Path | None) -> tuple[list[dict[str, An
     """
     if dataset not in QA_FILES:
         raise ValueError(f"qa dataset {dataset!r} not in {tuple(QA_FILES)}")
-    hint = (f"pass qa_data, a folder with {QA_FILES[dataset]} "
+    hint = (f"pass --qa_data (qa_data=), a folder with {QA_FILES[dataset]} "
             f"({'SQuAD v2.0 dev-v2.0.json' if dataset == 'squad' else 'HotpotQA hotpot_dev_distractor_v1.json'})")
     if qa_data is None:
         raise MissingTaskData(f"RULER {dataset} QA data not given: {hint}")
