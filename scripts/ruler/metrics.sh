@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Score a RULER run folder (KVCache-Factory's scripts/scripts_ruler/metrics.sh order):
+#   bash scripts/ruler/metrics.sh RESULTS_DIR     e.g. results_ruler/smollm2-135m_128
+# Writes {length}/{task}/metrics.json and RESULTS_DIR/results.csv, prints the table.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+if [ $# -ne 1 ]; then
+  sed -n '2,4p' "$0" >&2
+  exit 2
+fi
+exec python -m kvfactory.metrics.ruler --results_dir "$1"
