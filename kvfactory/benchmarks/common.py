@@ -185,8 +185,10 @@ def git_commit() -> str:
         return "unknown"
 
 
-def write_run_meta(folder: Path, args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Path:
-    """``run_meta.json``: git commit, arguments, library versions, device, timestamp (one file per run folder)."""
+def write_run_meta(folder: Path, args: argparse.Namespace, extra: dict[str, Any] | None = None,
+                   filename: str = "run_meta.json") -> Path:
+    """``run_meta.json``: git commit, arguments, library versions, device, timestamp (one file per run folder;
+    ``filename`` names it differently where several runs share a folder)."""
     import transformers
 
     import kvfactory
@@ -199,7 +201,7 @@ def write_run_meta(folder: Path, args: argparse.Namespace, extra: dict[str, Any]
         **(extra or {}),
     }
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "run_meta.json"
+    path = folder / filename
     path.write_text(json.dumps(meta, indent=2, default=str))
     return path
 
@@ -238,7 +240,8 @@ class Job:
     """One prompt to answer: ``key`` identifies it in the results file; ``record`` is stored beside the prediction.
 
     With ``question_ids`` set, the job is query-agnostic: ``input_ids`` (the context) is compressed first, then the
-    question is appended (see ``kvfactory.generation.answer_on_compressed_context``).
+    question is appended (see ``kvfactory.generation.answer_on_compressed_context``). ``min_new_tokens`` > 0 keeps the
+    stop tokens from ending the answer earlier (LongBench's samsum); query-agnostic jobs do not support it yet.
     """
 
     key: str
@@ -247,6 +250,7 @@ class Job:
     stop_token_ids: list[int]
     record: dict[str, Any] = field(default_factory=dict)
     question_ids: list[int] | None = None
+    min_new_tokens: int = 0
 
 
 def run_jobs(model: Any, tokenizer: Any, handle: Any, jobs: list[Job], results: ResultsFile, *, batch_size: int = 1,
@@ -265,10 +269,13 @@ def run_jobs(model: Any, tokenizer: Any, handle: Any, jobs: list[Job], results: 
     if len(pending) < len(jobs):
         logger.info("%s: %d of %d already done, resuming", description or results.path, len(jobs) - len(pending), len(jobs))
     progress = tqdm(total=len(pending), desc=description or results.path.name, unit="sample")
-    groups: dict[tuple[int, tuple[int, ...], bool], list[Job]] = {}
+    groups: dict[tuple[int, tuple[int, ...], bool, int], list[Job]] = {}
     for job in pending:
-        groups.setdefault((job.max_new_tokens, tuple(job.stop_token_ids), job.question_ids is not None), []).append(job)
-    for (max_new_tokens, stops, agnostic), group in groups.items():
+        if job.question_ids is not None and job.min_new_tokens:
+            raise ValueError(f"job {job.key}: query-agnostic answering does not support min_new_tokens yet")
+        groups.setdefault((job.max_new_tokens, tuple(job.stop_token_ids), job.question_ids is not None,
+                           job.min_new_tokens), []).append(job)
+    for (max_new_tokens, stops, agnostic, min_new_tokens), group in groups.items():
         for batch in chunks(group, 1 if agnostic else batch_size):
             if agnostic:
                 outputs = answer_on_compressed_context(model, tokenizer, handle, batch[0].input_ids,
@@ -276,7 +283,8 @@ def run_jobs(model: Any, tokenizer: Any, handle: Any, jobs: list[Job], results: 
                                                        stop_token_ids=list(stops))
             else:
                 outputs = greedy_generate(model, tokenizer, [job.input_ids for job in batch],
-                                          max_new_tokens=max_new_tokens, stop_token_ids=list(stops))
+                                          max_new_tokens=max_new_tokens, stop_token_ids=list(stops),
+                                          min_new_tokens=min_new_tokens)
             for job, output in zip(batch, outputs):
                 results.append({key_field: job.key, **job.record, "pred": output.text,
                                 "input_tokens": output.prompt_tokens, "kept_tokens": round(output.kept_tokens, 2),
