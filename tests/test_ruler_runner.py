@@ -107,6 +107,9 @@ def test_chat_template_wrapper(tokenizer) -> None:
     assert record["input"].startswith("<|im_start|>system\n")
     assert "<|im_end|>\n<|im_start|>assistant\n The special magic number for " in record["input"]
     assert record["length"] <= 1024 and record["outputs"][0] in record["input"]
+    single = ruler.generate("niah_single_1", tokenizer, 1024, 1, template=wrapper)[0]["input"]
+    assert single.startswith(wrapper.split("{task_template}")[0] + "A special magic number is hidden")  # "You are" kept
+    assert single.endswith("<|im_start|>assistant\n The special magic number for " + single.split(" for ")[-1])
     assert runner.resolve_template("meta-chat", tokenizer) == "meta-chat"
 
 

@@ -74,7 +74,9 @@ def generate(
         Folder with ``squad.json`` / ``hotpotqa.json`` for qa_1 / qa_2.
     template : str
         Model template name (:data:`MODEL_TEMPLATES`; KVCache-Factory's files use ``base``) or a wrapper string
-        with ``{task_template}`` (e.g. the model's chat template, :func:`~.runner.chat_wrapper`).
+        with ``{task_template}`` (e.g. the model's chat template, :func:`~.runner.chat_wrapper`). RULER's niah
+        singularisation rewrites a named template whole (wrapper included, as upstream); a wrapper string's text
+        before the task is left alone (a system prompt's "You are" stays).
     remove_newline_tab : bool
         RULER's ``--remove_newline_tab``.
 
@@ -103,7 +105,7 @@ def generate(
         haystack = None
         if args["type_haystack"] == "essay":
             haystack = essay_words(essays_dir if essays_dir is not None else default_essays_dir())
-        records = generate_niah(haystack=haystack, **common)
+        records = generate_niah(haystack=haystack, protect_wrapper=template not in MODEL_TEMPLATES, **common)
     elif generator == "variable_tracking":
         from .variable_tracking import generate_variable_tracking
 

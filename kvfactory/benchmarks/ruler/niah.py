@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .common import Rngs, SampleDoesNotFit, remove_newline_tab
-from .constants import NOISE
+from .constants import NOISE, TASK_TEMPLATES
 from .essays import sent_tokenize
 from .wordlists import adjective_noun_words
 
@@ -34,13 +34,16 @@ def singularize(template: str) -> str:
 
 
 class _Niah:
-    def __init__(self, args: dict[str, Any], template: str, rngs: Rngs, haystack: Sequence[str] | str) -> None:
+    def __init__(self, args: dict[str, Any], template: str, rngs: Rngs, haystack: Sequence[str] | str,
+                 protect_wrapper: bool = False) -> None:
         self.k = max(int(args["num_needle_k"]), int(args["num_needle_q"]))
         self.v = int(args["num_needle_v"])
         self.q = int(args["num_needle_q"])
         self.type_haystack = args["type_haystack"]
         self.type_k, self.type_v = args["type_needle_k"], args["type_needle_v"]
         self.template, self.rngs, self.haystack = template, rngs, haystack
+        # the wrapper text before the task template, kept out of singularisation for custom wrappers
+        self.protected = template[:template.index(TASK_TEMPLATES["niah"]["template"][:20])] if protect_wrapper else ""
         if self.type_haystack not in ("essay", "repeat", "needle"):
             raise ValueError(f"type_haystack {self.type_haystack!r} not in ('essay', 'repeat', 'needle')")
         for kind in (self.type_k, self.type_v):
@@ -95,13 +98,15 @@ class _Niah:
         query = ", ".join(queries[:-1]) + ", and " + queries[-1] if len(queries) > 1 else queries[0]
         template, type_needle_v = self.template, self.type_v
         if self.q * self.v == 1:
-            template, type_needle_v = singularize(template), type_needle_v[:-1]
+            template = self.protected + singularize(template[len(self.protected):])
+            type_needle_v = type_needle_v[:-1]
         return template.format(type_needle_v=type_needle_v, context=context, query=query), answers
 
 
 def generate_niah(
     args: dict[str, Any], template: str, count: Callable[[str], int], max_seq_length: int, tokens_to_generate: int,
     num_samples: int, seed: int, haystack: Sequence[str] | None = None, remove_newline: bool = False,
+    protect_wrapper: bool = False,
 ) -> list[dict[str, Any]]:
     """Samples of one niah task, as ``niah.py`` writes them.
 
@@ -115,12 +120,14 @@ def generate_niah(
         Token counter (no special tokens).
     haystack : sequence of str, optional
         The essay word list; required for ``type_haystack == "essay"``.
+    protect_wrapper : bool
+        Singularise only from the task template on (custom wrappers); RULER rewrites the whole template.
     """
     rngs = Rngs(seed)
     essay = args["type_haystack"] == "essay"
     if essay and haystack is None:
         raise ValueError("an essay niah task needs the essay word list")
-    gen = _Niah(args, template, rngs, haystack if essay else NOISE)
+    gen = _Niah(args, template, rngs, haystack if essay else NOISE, protect_wrapper)
     if essay:
         incremental = 500
     else:
