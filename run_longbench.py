@@ -63,13 +63,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.eval:
         if args.results_dir is None:
             parser.error("--eval needs --results_dir")
-        return score(args.results_dir)
+        try:
+            return score(args.results_dir)
+        except (ValueError, FileNotFoundError) as error:
+            parser.error(str(error))
     if args.results_dir is not None:
         parser.error("--results_dir is only for --eval (predictions go to --save_dir)")
     from kvfactory.benchmarks.longbench import run
 
     started = time.perf_counter()
-    folder = run(args)
+    try:
+        folder = run(args)
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
     print(f"-> {folder} ({time.perf_counter() - started:.1f} s)")
     return 0
 
