@@ -19,7 +19,9 @@ class WordTokenizer:
     """Word-level tokenizer: words, single punctuation marks and newlines are tokens; id 0 is a BOS special token.
 
     The vocabulary is fixed at construction (``corpus`` words plus whatever ``extra`` texts hold); unknown words map to
-    ``<unk>``. ``chat_template`` (ChatML-like) is optional so both prompt paths can be tested.
+    ``<unk>``. ``chat_template`` (ChatML-like) is optional so both prompt paths can be tested. It also has what
+    generation needs (pad/eos/unk ids, ``get_vocab``), and decodes ids beyond its vocabulary (a random model's) as
+    ``<unk>``, so it can drive the tiny random models of ``tests/conftest.py`` (vocabulary 128).
     """
 
     SPLIT = re.compile(r"<s>|\n|\w+|[^\w\s]")
@@ -28,18 +30,22 @@ class WordTokenizer:
         words = sorted({token for text in texts for token in self.SPLIT.findall(text)} - {"<s>"} | {"<unk>"})
         self.vocab = {"<s>": 0, **{word: i + 1 for i, word in enumerate(words)}}
         self.inverse = {i: word for word, i in self.vocab.items()}
-        self.bos_token_id = 0
+        self.bos_token_id = self.pad_token_id = self.eos_token_id = 0
+        self.unk_token_id = self.vocab["<unk>"]
         self.chat_template = "chatml" if chat else None
 
     def __len__(self) -> int:
         return len(self.vocab)
+
+    def get_vocab(self) -> dict[str, int]:
+        return dict(self.vocab)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = [self.vocab.get(token, self.vocab["<unk>"]) for token in self.SPLIT.findall(text)]
         return [0, *ids] if add_special_tokens else ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
-        return " ".join(self.inverse[i] for i in ids if not (skip_special_tokens and i == 0))
+        return " ".join(self.inverse.get(i, "<unk>") for i in ids if not (skip_special_tokens and i == 0))
 
     def apply_chat_template(self, messages: list[dict[str, str]], tokenize: bool = False,
                             add_generation_prompt: bool = False) -> str:

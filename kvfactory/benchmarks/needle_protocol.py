@@ -79,7 +79,8 @@ DEFAULT_DEPTHS: list[float] = [float(d) for d in np.round(np.linspace(0, 100, 10
 NOISE_SENTENCE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 """RULER's (and the passkey test's) neutral filler, repeated when no essays are at hand."""
 
-HAYSTACK_HINT = ("pass --haystack_dir DIR (a folder of *.txt essays, e.g. ../shared/data/PaulGrahamEssays) or "
+HAYSTACK_HINT = ("fetch the essays with `bash scripts/download_essays.sh` (into data/PaulGrahamEssays), pass "
+                 "--haystack_dir DIR (a folder of *.txt essays, e.g. ../shared/data/PaulGrahamEssays) or "
                  "--haystack noise (RULER's repeated filler sentences, no files needed)")
 
 CONTEXT_OPEN = "<document>"
@@ -95,13 +96,14 @@ class HaystackNotFound(FileNotFoundError):
 
 
 def default_haystack_dir() -> Path | None:
-    """``{shared data}/PaulGrahamEssays`` when it exists (see :func:`kvfactory.paths.shared_data_dir`), else None."""
-    from kvfactory.paths import shared_data_dir
+    """The first essay folder that exists: ``data/PaulGrahamEssays`` in the repository (where
+    ``scripts/download_essays.sh`` puts them), then ``{shared data}/PaulGrahamEssays`` (see
+    :func:`kvfactory.paths.shared_data_dir`); None when neither does."""
+    from kvfactory.paths import REPO_ROOT, shared_data_dir
 
     root = shared_data_dir()
-    if root is None or not (root / "PaulGrahamEssays").is_dir():
-        return None
-    return root / "PaulGrahamEssays"
+    candidates = [REPO_ROOT / "data" / "PaulGrahamEssays"] + ([root / "PaulGrahamEssays"] if root else [])
+    return next((folder for folder in candidates if folder.is_dir()), None)
 
 
 @functools.lru_cache(maxsize=4)
@@ -151,7 +153,8 @@ def load_haystack_text(haystack_dir: str | Path | None = None, *, min_tokens: in
     """
     folder = Path(haystack_dir) if haystack_dir is not None else default_haystack_dir()
     if folder is None:
-        raise HaystackNotFound(f"no essay folder given and no shared data folder found: {HAYSTACK_HINT}")
+        raise HaystackNotFound(f"no essay folder given, and neither data/PaulGrahamEssays nor a shared "
+                               f"PaulGrahamEssays folder exists: {HAYSTACK_HINT}")
     if not folder.is_dir():
         raise HaystackNotFound(f"essay folder {folder} does not exist: {HAYSTACK_HINT}")
     files = sorted(folder.glob("*.txt"))
