@@ -183,7 +183,18 @@ def test_shell_scripts(tmp_path: Path) -> None:
     for script in ("scripts/needle/eval.sh", "scripts/needle/visualize.sh", "scripts/download_essays.sh"):
         assert subprocess.run(["bash", "-n", str(REPO / script)]).returncode == 0, script
     usage = subprocess.run(["bash", str(REPO / "scripts/needle/eval.sh"), "0"], capture_output=True, text=True)
-    assert usage.returncode != 0 and "usage: bash scripts/needle/eval.sh DEVICES METHOD C" in usage.stderr
+    assert usage.returncode != 0 and "bash scripts/needle/eval.sh GPUS METHOD C [MODEL_PATH]" in usage.stderr
+    echo = tmp_path / "python"  # stands in for python: prints its arguments, reports no GPU
+    echo.write_text('#!/usr/bin/env bash\n[ "$1" = "-c" ] && exit 1\necho "$@"\n')
+    echo.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(echo), "SAVE_DIR": str(tmp_path / "res")}
+    done = subprocess.run(["bash", str(REPO / "scripts/needle/eval.sh"), "cpu", "snapkv", "96", "none", "500", "1500",
+                           "250", "--num_depths", "6"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["run_needle.py", "--method", "snapkv", "--max_capacity_prompts", "96",
+                                   "--save_dir", str(tmp_path / "res"), "--s_len", "500", "--e_len", "1500",
+                                   "--step", "250", "--num_depths", "6"]
+    assert (tmp_path / "res" / "logs" / "smollm2-135m_snapkv_96.log").read_text() == done.stdout
     folder = tmp_path / "essays"
     folder.mkdir()
     for i in range(49):

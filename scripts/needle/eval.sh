@@ -1,50 +1,62 @@
 #!/usr/bin/env bash
-# Needle-in-a-haystack for one method and budget (KVCache-Factory's scripts/scripts_needle/eval.sh, with arguments).
+# Needle-in-a-haystack for one method at budget C (KVCache-Factory's scripts/scripts_needle/eval.sh, with arguments):
 #
-#   bash scripts/needle/eval.sh DEVICES METHOD C [MODEL] [S_LEN] [E_LEN] [STEP] [ATTN] [extra run_needle.py flags...]
+#   bash scripts/needle/eval.sh GPUS METHOD C [MODEL_PATH] [S_LEN] [E_LEN] [STEP] [ATTN] [--flag value ...]
 #
-#   $1 DEVICES  CUDA_VISIBLE_DEVICES (e.g. 0 or 0,1); "cpu" runs on the CPU
-#   $2 METHOD   fullkv, snapkv, pyramidkv, streamingllm, h2o, cam, adakv, headkv, ... (python run_needle.py --help)
-#   $3 C        max_capacity_prompts, tokens kept per layer and KV head (ignored by fullkv)
-#   $4 MODEL    checkpoint folder or smollm2-135m (default smollm2-135m)
-#   $5 S_LEN    shortest context length (default 1000)
-#   $6 E_LEN    longest context length (default 8000)
-#   $7 STEP     length step (default 1000)
-#   $8 ATTN     attn_implementation: sdpa (default), eager or flash_attention_2
-#   Anything after the 8th argument goes to run_needle.py as is, e.g. --num_depths 6 --eval_batch_size 6 --merge pivot.
+#   GPUS        CUDA_VISIBLE_DEVICES (e.g. 0 or 0,1); "cpu" hides every GPU
+#   METHOD      fullkv, snapkv, pyramidkv, streamingllm, h2o, cam, adakv, headkv, ... (python run_needle.py --help)
+#   C           --max_capacity_prompts (tokens kept per layer and KV head; ignored by fullkv)
+#   MODEL_PATH  --model_path (default: the embedded smollm2-135m)
+#   S_LEN E_LEN STEP  context lengths s_len, s_len + step, ... up to e_len (default 1000 8000 1000)
+#   ATTN        --attn_implementation (default sdpa)
 #
-# Results: results_needle/{model}_{method}_{C}/ (one JSON per cell, run_meta.json, needle_heatmap.png);
-# the log: results_needle/logs/{model}_{method}_{C}.log. Rerunning the same command resumes.
+# An optional argument that is empty, "none" or "None" keeps its default. Everything from the first --flag on is
+# passed to run_needle.py unchanged (e.g. --num_depths 6 --eval_batch_size 6 --haystack noise --merge pivot).
+# Results: {save_dir}/{model}_{method}_{C}/ (one JSON per cell, run_meta.json, needle_heatmap.png; default save_dir
+# results_needle, or $SAVE_DIR); the log goes to {save_dir}/logs/. Rerunning the same command resumes.
 set -euo pipefail
-cd "$(dirname "$0")/../.."
 
-usage="usage: bash scripts/needle/eval.sh DEVICES METHOD C [MODEL] [S_LEN] [E_LEN] [STEP] [ATTN] [flags...]"
-devices=${1:?$usage}
-method=${2:?$usage}
-capacity=${3:?$usage}
-model=${4:-smollm2-135m}
-s_len=${5:-1000}
-e_len=${6:-8000}
-step=${7:-1000}
-attn=${8:-sdpa}
-shift $(( $# < 8 ? $# : 8 ))
-
-if [[ "$devices" == "cpu" ]]; then
+if [ $# -lt 3 ]; then
+    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2
+    exit 2
+fi
+if [ "$1" = "cpu" ]; then
     export CUDA_VISIBLE_DEVICES=""
 else
-    export CUDA_VISIBLE_DEVICES="$devices"
+    export CUDA_VISIBLE_DEVICES="$1"
+fi
+method="$2"
+capacity="$3"
+shift 3
+positional=()
+while [ $# -gt 0 ] && [[ "$1" != --* ]]; do
+    positional+=("$1")
+    shift
+done
+if [ ${#positional[@]} -gt 5 ]; then
+    echo "eval.sh: at most 5 optional positional arguments (MODEL_PATH S_LEN E_LEN STEP ATTN), got: ${positional[*]}" >&2
+    exit 2
 fi
 
-save_dir=${SAVE_DIR:-results_needle}
+is_set() { [ -n "${1:-}" ] && [ "$1" != "none" ] && [ "$1" != "None" ]; }
+
+save_dir="${SAVE_DIR:-results_needle}"
+args=(--method "$method" --max_capacity_prompts "$capacity" --save_dir "$save_dir")
+flags=(--model_path --s_len --e_len --step --attn_implementation)
+for i in "${!positional[@]}"; do
+    if is_set "${positional[$i]}"; then
+        args+=("${flags[$i]}" "${positional[$i]}")
+    fi
+done
+
+cd "$(dirname "$0")/../.."
+PYTHON="${PYTHON:-python}"
+if "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    args+=(--device_map auto)  # a later --device_map in the extra flags wins
+fi
+model="${positional[0]:-smollm2-135m}"
+is_set "$model" || model=smollm2-135m
 mkdir -p "$save_dir/logs"
 log="$save_dir/logs/$(basename "${model%/}")_${method}_${capacity}.log"
-echo "needle: $method C=$capacity on $model, lengths $s_len..$e_len step $step ($attn, devices '$devices') -> $log"
-
-python run_needle.py \
-    --model_path "$model" \
-    --method "$method" \
-    --max_capacity_prompts "$capacity" \
-    --attn_implementation "$attn" \
-    --s_len "$s_len" --e_len "$e_len" --step "$step" \
-    --save_dir "$save_dir" \
-    "$@" 2>&1 | tee "$log"
+echo "+ $PYTHON run_needle.py ${args[*]} $* | tee $log" >&2
+"$PYTHON" run_needle.py "${args[@]}" "$@" 2>&1 | tee "$log"
