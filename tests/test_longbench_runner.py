@@ -270,3 +270,22 @@ def test_query_agnostic_run_compresses_the_context_alone(workspace) -> None:
     records = _read(folder / "multifieldqa_en" / "snapkv.jsonl")
     assert len(records) == 2 and all(r["kept_tokens"] == 16 for r in records)
     assert json.loads((folder / "run_meta_snapkv.json").read_text())["protocol"]["query_agnostic"] is True
+
+
+@needs_shared
+def test_real_prompts_are_the_filled_templates_truncated_token_exactly() -> None:
+    from kvfactory.models import load_tokenizer
+
+    config = load_config(SHARED / "LongBench")
+    record = load_records(SHARED / "LongBench", "multifieldqa_zh", limit=1)[0]
+    fake = PromptBuilder.from_tokenizer(CharTokenizer())
+    job = make_jobs([record], "multifieldqa_zh", config, fake, 10 ** 6, [2])[0]
+    assert job.input_ids == [3, *map(ord, config.prompts["multifieldqa_zh"].format(**record)), 2, 4]
+    tokenizer = load_tokenizer("smollm2-135m")
+    builder = PromptBuilder.from_tokenizer(tokenizer)
+    job = make_jobs([record], "multifieldqa_zh", config, builder, 4096, [2])[0]
+    prefix, suffix = builder.chat
+    assert len(job.input_ids) == len(prefix) + 4096 + len(suffix) and job.record["truncated"]
+    assert job.input_ids[:len(prefix)] == prefix and job.input_ids[-len(suffix):] == suffix
+    text = tokenizer.decode(job.input_ids)
+    assert text.startswith("<|im_start|>system\n") and text.endswith("回答：<|im_end|>\n<|im_start|>assistant\n")
