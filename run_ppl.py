@@ -14,7 +14,6 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
 
 STREAMING_DEFAULTS = (
     "fullkv",
@@ -79,6 +78,8 @@ def streaming(argv: list[str]) -> int:
                              "H2O 4+128+128 with decode_budget (bounded caches)")
     parser.add_argument("--num_eval_tokens", type=int, default=4096, help="tokens of the stream (from its start)")
     parser.add_argument("--chunk_size", type=int, default=1, help="tokens fed per step (1: token by token)")
+    parser.add_argument("--fullkv_chunk_size", type=int, default=None,
+                        help="tokens fed per step to fullkv (default: --chunk_size; its PPL does not depend on it)")
     parser.add_argument("--baseline_window", type=int, default=256,
                         help="window of the chunked FullKV baseline (0: skip it)")
     args = parser.parse_args(argv)
@@ -87,23 +88,8 @@ def streaming(argv: list[str]) -> int:
     stream = ppl.token_stream(tokenizer, ppl.load_documents(args.dataset, args.data_dir))[: args.num_eval_tokens]
     if len(stream) < args.num_eval_tokens:
         logging.warning("the stream has only %d tokens (asked for %d)", len(stream), args.num_eval_tokens)
-    records: list[dict[str, Any]] = []
-    for spec in specs:
-        result = ppl.streaming_ppl(model, stream, method=spec.method, params=spec.params, chunk_size=args.chunk_size,
-                                   label=spec.label)
-        records.append({**vars(result), **result.as_row(), "mode": "streaming", "chunk_size": args.chunk_size})
-    if args.baseline_window:
-        result = ppl.chunked_ppl(model, stream, args.baseline_window)
-        records.append({**vars(result), **result.as_row(), "mode": "chunked", "chunk_size": args.baseline_window,
-                        "window": args.baseline_window})
-    full = next((r for r in records if r["method"] == "fullkv" and r["mode"] == "streaming"), None)
-    import statistics
-
-    for record in records:
-        steps = record["step_seconds"] if record["mode"] == "streaming" else []
-        record["step_median_seconds"] = statistics.median(steps) if steps else None
-        record["step_median_last_quarter_seconds"] = statistics.median(steps[-len(steps) // 4:]) if steps else None
-        record["ppl_delta_pct_vs_fullkv"] = 100 * (record["ppl"] / full["ppl"] - 1) if full else None
+    records = ppl.streaming_comparison(model, stream, specs, chunk_size=args.chunk_size,
+                                       fullkv_chunk_size=args.fullkv_chunk_size, baseline_window=args.baseline_window)
     label = model_label(args.model_path)
     folder = args.output_dir / "streaming"
     write_run_meta(folder, args)
@@ -112,14 +98,15 @@ def streaming(argv: list[str]) -> int:
     write_rows(rows, stem)
     stem.with_suffix(".json").write_text(json.dumps(records, default=str))  # with the per-step traces, for plots
     plot = plot_streaming(records, stem.with_suffix(".png"), f"{label} on {args.dataset}: {len(stream)} tokens")
-    print(f"{len(stream)} tokens of {args.dataset}, fed {args.chunk_size} at a time")
-    print(f"{'config':<26}{'PPL':>9}{'dPPL%':>8}{'acc':>7}{'kept':>8}{'step ms':>9}{'last-1/4 ms':>12}")
+    print(f"{len(stream)} tokens of {args.dataset}, fed {args.chunk_size} at a time"
+          + (f" (fullkv {args.fullkv_chunk_size})" if args.fullkv_chunk_size else ""))
+    print(f"{'config':<26}{'PPL':>9}{'dPPL%':>8}{'acc':>7}{'kept':>8}{'ms/chunk':>9}{'last-1/4':>9}")
     for r in rows:
         delta = f"{r['ppl_delta_pct_vs_fullkv']:+.2f}" if r["ppl_delta_pct_vs_fullkv"] is not None else ""
         step = r["step_median_seconds"]
         last = r["step_median_last_quarter_seconds"]
         print(f"{r['label']:<26}{r['ppl']:>9.3f}{delta:>8}{r['next_token_acc']:>7.3f}{r['kept_tokens']:>8.1f}"
-              f"{'' if step is None else f'{step * 1e3:.1f}':>9}{'' if last is None else f'{last * 1e3:.1f}':>12}")
+              f"{'' if step is None else f'{step * 1e3:.1f}':>9}{'' if last is None else f'{last * 1e3:.1f}':>9}")
     print(f"-> {stem.with_suffix('.csv')}, {plot}")
     return 0
 

@@ -39,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--context_lengths", default="512,1024,2048,4096,8192")
     parser.add_argument("--new_tokens", type=int, default=32, help="generated tokens per run (TPOT over new_tokens-1)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=1, help="warm-up runs per configuration (first length only)")
+    parser.add_argument("--warmup_every_length", action="store_true", help="warm up again at every context length")
     parser.add_argument("--prompt", default="auto", choices=["auto", "text", "random"],
                         help="auto: text of --dataset when a tokenizer and the data exist, else random token ids")
     parser.add_argument("--dataset", default="pg_essays")
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("--context_lengths needs comma-separated lengths of at least 2 tokens")
     model, tokenizer, label = load(args)
     prompt, source = prompt_source(args, model, tokenizer, max(lengths))
-    rows = sweep(model, prompt, lengths, specs, new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup)
+    rows = sweep(model, prompt, lengths, specs, new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup,
+                 warmup_every_length=args.warmup_every_length)
     device = next(model.parameters()).device
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     for row in rows:

@@ -186,3 +186,46 @@ def test_streaming_plot(tmp_path: Path) -> None:
         records.append({**vars(result), **result.as_row(), "mode": mode, "chunk_size": 1, "window": 8})
     path = plot_streaming(records, tmp_path / "stream.png")
     assert path.exists() and path.stat().st_size > 1000
+
+
+def test_ppl_cli_suffix_streaming_grid_and_plot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import random
+    import sys
+
+    from kvfactory.benchmarks import common
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent))
+    import run_ppl
+
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    rng = random.Random(0)
+    for name in ("a", "b"):
+        (texts / f"{name}.txt").write_text(" ".join(f"w{rng.randrange(60)}" for _ in range(90)))
+    model = tiny_model("llama")
+    monkeypatch.setattr(common, "load_model", lambda args: (model, WordTokenizer()))
+    out = tmp_path / "out"
+    shared = ["--data_dir", str(texts), "--output_dir", str(out), "--model_path", "tiny"]
+    assert run_ppl.main(["suffix", "--method", "snapkv", "--max_capacity_prompts", "8", "--window_size", "2",
+                         "--max_length", "32", "--max_windows", "2", *shared]) == 0
+    rows = json.loads((out / "suffix" / "tiny_pg_essays_snapkv_suffix_ppl.json").read_text())
+    assert [r["label"] for r in rows] == ["fullkv", "snapkv"] and rows[1]["kept_tokens"] == 8
+    assert run_ppl.main(["streaming", "--methods", "fullkv", "streamingllm:max_capacity_prompt=16,decode_budget=16@s16",
+                         "--num_eval_tokens", "61", "--chunk_size", "2", "--fullkv_chunk_size", "20",
+                         "--baseline_window", "16", *shared]) == 0
+    records = json.loads((out / "streaming" / "tiny_pg_essays_streaming_ppl.json").read_text())
+    assert [(r["label"], r["mode"], r["chunk_size"]) for r in records] == [
+        ("fullkv", "streaming", 20), ("s16", "streaming", 2), ("chunked fullkv (window 16)", "chunked", 16)]
+    assert all(r["tokens"] == 60 for r in records) and records[1]["kept_tokens"] == 16
+    assert records[0]["ppl_delta_pct_vs_fullkv"] == 0 and len(records[1]["step_seconds"]) == 30
+    assert run_ppl.main(["grid", "--methods", "streamingllm", "--budgets", "0.5", "--max_length", "32",
+                         "--max_windows", "2", "--new_tokens", "2", "--repeats", "1", "--warmup", "0",
+                         "--datasets", "texts", *shared]) == 0
+    grid_rows = json.loads((out / "grid" / "tiny_texts_kv_metrics.json").read_text())
+    assert [r["label"] for r in grid_rows] == ["fullkv", "streamingllm@0.5"]
+    assert grid_rows[1]["kept_tokens"] == 8 and "tpot_speedup" in grid_rows[1]
+    monkeypatch.setattr(sys, "argv", ["run_ppl.py", "plot", "--results_dir", str(out)])
+    assert run_ppl.main() == 0
+    assert {p.name for p in out.rglob("*.png")} == {"tiny_texts_ppl_vs_budget.png", "tiny_texts_tpot_vs_budget.png",
+                                                   "tiny_pg_essays_streaming_ppl.png"}
+    assert run_ppl.main(["nosuch"]) == 2

@@ -38,6 +38,23 @@ def _axis_label(metric: str) -> str:
     return metric[: -len(SECONDS_SUFFIX)].upper() + " (ms)" if metric.endswith(SECONDS_SUFFIX) else metric
 
 
+def _save(figure: Any, axes: Sequence[Any], path: Path, title: str, legends: Sequence[Any] | None = None) -> Path:
+    """Grid on every axis, legends (on ``legends``, default every axis), the title, then write the PNG."""
+    for axis in axes:
+        axis.grid(alpha=0.3)
+    for axis in axes if legends is None else legends:
+        axis.legend(fontsize=8)
+    if len(axes) == 1:
+        axes[0].set_title(title)
+    else:
+        figure.suptitle(title)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    _pyplot().close(figure)
+    return path
+
+
 def _budget_plot(rows: Sequence[dict[str, Any]], metric: str, path: Path, title: str) -> Path:
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(7, 4.5))
@@ -62,13 +79,7 @@ def _budget_plot(rows: Sequence[dict[str, Any]], metric: str, path: Path, title:
         values = [v for points in by_method.values() for _, v in points] + [baseline]
         if max(values) > 3 * baseline:  # one method far off would flatten the rest: log scale
             axis.set_yscale("log")
-    axis.set_title(title)
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return _save(figure, [axis], path, title)
 
 
 def plot_budget_curves(rows: Sequence[dict[str, Any]], folder: Path, time_metric: str | None = "tpot_seconds"
@@ -108,14 +119,7 @@ def plot_latency_vs_context(rows: Sequence[dict[str, Any]], path: Path, title: s
         axis.set_xscale("log", base=2)
         axis.set_xlabel("context length (tokens)")
         axis.set_ylabel(name)
-        axis.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    figure.suptitle(title or "latency and cache size against the context length")
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return _save(figure, axes, path, title or "latency and cache size against the context length", legends=axes[:1])
 
 
 def _rolling_median(values: Sequence[float], width: int) -> list[float]:
@@ -126,8 +130,9 @@ def _rolling_median(values: Sequence[float], width: int) -> list[float]:
 
 
 def plot_streaming(records: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:
-    """Per-step latency (rolling median over 64 steps) and running PPL against the position in the stream, for the
-    streaming records (``step_seconds``, ``window_nll`` per fed chunk, ``chunk_size``)."""
+    """Latency per fed chunk (rolling median over 64 chunks) and running PPL against the position in the stream, for
+    the streaming records (``step_seconds``, ``window_nll`` per fed chunk, ``chunk_size``); a record fed in chunks of
+    more than one token is labelled with its chunk size (its latency is that of a whole chunk)."""
     import numpy as np
 
     plt = _pyplot()
@@ -137,7 +142,8 @@ def plot_streaming(records: Sequence[dict[str, Any]], path: Path, title: str = "
         steps, nll = record.get("step_seconds") or [], record.get("window_nll") or []
         if record.get("mode") == "streaming" and steps:
             positions = np.arange(1, len(steps) + 1) * chunk
-            left.plot(positions, [s * 1e3 for s in _rolling_median(steps, 64)], label=record["label"], linewidth=1)
+            name = record["label"] + (f" ({chunk}-token chunks)" if chunk > 1 else "")
+            left.plot(positions, [s * 1e3 for s in _rolling_median(steps, 64)], label=name, linewidth=1)
         if nll:
             width = record.get("window", chunk) if record.get("mode") == "chunked" else chunk
             counts = np.minimum(np.arange(1, len(nll) + 1) * width, record["tokens"])
@@ -146,15 +152,7 @@ def plot_streaming(records: Sequence[dict[str, Any]], path: Path, title: str = "
     left.set_ylabel("latency per fed chunk (ms, rolling median)")
     right.set_xlabel("tokens scored")
     right.set_ylabel("running PPL")
-    for axis in (left, right):
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-    figure.suptitle(title or "streaming perplexity")
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return _save(figure, (left, right), path, title or "streaming perplexity")
 
 
 def plot_results_dir(results_dir: Path, time_metric: str = "tpot_seconds") -> list[Path]:

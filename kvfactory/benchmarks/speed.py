@@ -305,17 +305,18 @@ def rows_with_ratios(results: Sequence[SpeedResult], baseline_label: str = "full
 
 def sweep(model: Any, prompt: Callable[[int], torch.Tensor], lengths: Sequence[int], specs: Sequence[MethodSpec], *,
           new_tokens: int = 32, repeats: int = 3, warmup: int = 1, baseline_label: str = "fullkv",
-          progress: bool = True) -> list[dict[str, Any]]:
+          warmup_every_length: bool = False, progress: bool = True) -> list[dict[str, Any]]:
     """:func:`compare` at every context length (``prompt(n)`` gives a ``(1, n)`` prompt); rows carry the ratios to
-    ``baseline_label`` measured at the same length in the same run."""
+    ``baseline_label`` measured at the same length in the same run. The ``warmup`` runs (code paths, allocator) are
+    made at the first length only unless ``warmup_every_length``: at long contexts a warm-up costs a full prefill."""
     from tqdm import tqdm
 
     bar = tqdm(total=len(lengths) * len(specs) * repeats, desc="speed sweep", unit="run", disable=not progress)
     rows: list[dict[str, Any]] = []
-    for length in lengths:
+    for index, length in enumerate(lengths):
         bar.set_postfix(context=length)
-        results = compare(model, prompt(length), specs, new_tokens=new_tokens, repeats=repeats, warmup=warmup,
-                          on_run=lambda: bar.update(1))
+        results = compare(model, prompt(length), specs, new_tokens=new_tokens, repeats=repeats,
+                          warmup=warmup if index == 0 or warmup_every_length else 0, on_run=lambda: bar.update(1))
         rows.extend(rows_with_ratios(results, baseline_label))
     bar.close()
     return rows
