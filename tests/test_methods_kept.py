@@ -211,3 +211,17 @@ def test_h2o_column_sums_from_the_attention_kernels_lse(qkv) -> None:
     assert torch.allclose(causal_column_sums(q, k, lse), causal_column_sums(q, k), atol=1e-5)
     naive = naive_causal_attention(q, k).sum(-2).view(B, HKV, GROUPS, N)
     assert torch.allclose(causal_column_sums(q, k), naive, atol=1e-4)
+
+
+def test_h2o_column_sums_by_the_cpu_kernel_equal_the_chunked_ones(qkv, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both ways of computing H2O's column sums and log-sum-exps (the CPU flash kernel, query chunks elsewhere)
+    agree with the naive softmax."""
+    from kvfactory.methods import scoring
+
+    q, k, _ = qkv
+    lse = scoring.causal_logsumexp(q, k)
+    naive = naive_causal_attention(q, k).sum(-2).view(B, HKV, GROUPS, N)
+    assert torch.allclose(scoring._column_sums_by_cpu_flash(q, k, lse), naive, atol=1e-4)
+    monkeypatch.setattr(scoring, "_CPU_FLASH", None)
+    assert torch.allclose(scoring.causal_logsumexp(q, k), lse, atol=1e-5)
+    assert torch.allclose(scoring.causal_column_sums(q, k, lse), naive, atol=1e-4)
