@@ -74,17 +74,22 @@ def main() -> int:
         args.head_path.write_text(json.dumps(retrieval_head_scores(model, tokenizer, num_samples=10, length=1000)))
     configs = [("fullkv", {}), ("snapkv", {"max_capacity_prompt": budget}), ("adakv", {"max_capacity_prompt": budget}),
                ("headkv", {"max_capacity_prompt": budget, "head_path": str(args.head_path)})]
-    correct = {name: 0 for name, _ in configs}
     samples = [make_passkey_sample(tokenizer, args.length, depth, seed=seed) for seed in range(args.seeds)
                for depth in DEPTHS]
+    found: dict[str, list[bool]] = {name: [] for name, _ in configs}
     for name, params in configs:
         with kvfactory.patch(model, name, **params):
             for sample in samples:
                 (result,) = greedy_generate(model, tokenizer, [sample.input_ids], max_new_tokens=8,
                                             stop_token_ids=[tokenizer.eos_token_id])
-                correct[name] += passkey_found(result.text, sample.passkey)
+                found[name].append(passkey_found(result.text, sample.passkey))
     print(f"[4] passkey accuracy, {len(samples)} prompts of ~{args.length} tokens ({args.seeds} seeds x 7 depths), "
-          f"C={budget}: " + ", ".join(f"{name} {correct[name]}/{len(samples)}" for name, _ in configs))
+          f"C={budget}: " + ", ".join(f"{name} {sum(hits)}/{len(samples)}" for name, hits in found.items()))
+    for name in found:
+        missed = [f"depth {sample.depth:.2f} seed {i // len(DEPTHS)}" for i, (sample, full, hit)
+                  in enumerate(zip(samples, found["fullkv"], found[name])) if full and not hit]
+        print(f"    {name}: wrong where fullkv is right on {len(missed)} prompt(s){': ' if missed else ''}"
+              f"{', '.join(missed)}")
     return 0
 
 
