@@ -88,20 +88,23 @@ def streaming(argv: list[str]) -> int:
     stream = ppl.token_stream(tokenizer, ppl.load_documents(args.dataset, args.data_dir))[: args.num_eval_tokens]
     if len(stream) < args.num_eval_tokens:
         logging.warning("the stream has only %d tokens (asked for %d)", len(stream), args.num_eval_tokens)
-    records = ppl.streaming_comparison(model, stream, specs, chunk_size=args.chunk_size,
-                                       fullkv_chunk_size=args.fullkv_chunk_size, baseline_window=args.baseline_window)
     label = model_label(args.model_path)
     folder = args.output_dir / "streaming"
     write_run_meta(folder, args)
     stem = folder / f"{label}_{args.dataset}_streaming_ppl"
-    rows = [{k: v for k, v in r.items() if k not in ("step_seconds", "window_nll")} for r in records]
-    write_rows(rows, stem)
-    stem.with_suffix(".json").write_text(json.dumps(records, default=str))  # with the per-step traces, for plots
+
+    def save(records: list[dict]) -> None:  # after every configuration: an interrupted run keeps what it measured
+        write_rows([{k: v for k, v in r.items() if k not in ("step_seconds", "window_nll")} for r in records], stem)
+        stem.with_suffix(".json").write_text(json.dumps(records, default=str))  # with the per-step traces, for plots
+
+    records = ppl.streaming_comparison(model, stream, specs, chunk_size=args.chunk_size,
+                                       fullkv_chunk_size=args.fullkv_chunk_size, baseline_window=args.baseline_window,
+                                       save=save)
     plot = plot_streaming(records, stem.with_suffix(".png"), f"{label} on {args.dataset}: {len(stream)} tokens")
     print(f"{len(stream)} tokens of {args.dataset}, fed {args.chunk_size} at a time"
           + (f" (fullkv {args.fullkv_chunk_size})" if args.fullkv_chunk_size else ""))
     print(f"{'config':<26}{'PPL':>9}{'dPPL%':>8}{'acc':>7}{'kept':>8}{'ms/chunk':>9}{'last-1/4':>9}")
-    for r in rows:
+    for r in records:
         delta = f"{r['ppl_delta_pct_vs_fullkv']:+.2f}" if r["ppl_delta_pct_vs_fullkv"] is not None else ""
         step = r["step_median_seconds"]
         last = r["step_median_last_quarter_seconds"]

@@ -101,16 +101,20 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("--context_lengths needs comma-separated lengths of at least 2 tokens")
     model, tokenizer, label = load(args)
     prompt, source = prompt_source(args, model, tokenizer, max(lengths))
-    rows = sweep(model, prompt, lengths, specs, new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup,
-                 warmup_every_length=args.warmup_every_length)
     device = next(model.parameters()).device
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    for row in rows:
-        row.update(model=label, prompt=source, device=device_name)
     folder = args.output_dir / "speed"
     write_run_meta(folder, args, {"specs": [(s.label, s.method, s.params) for s in specs]})
     stem = folder / f"{label}_{source}_speed_vs_context"
-    csv_path, _ = write_rows(rows, stem)
+
+    def save(rows: list[dict[str, Any]]) -> None:  # after every length: an interrupted sweep keeps what it measured
+        for row in rows:
+            row.update(model=label, prompt=source, device=device_name)
+        write_rows(rows, stem)
+
+    rows = sweep(model, prompt, lengths, specs, new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup,
+                 warmup_every_length=args.warmup_every_length, on_length=save)
+    csv_path = stem.with_suffix(".csv")
     plot = plot_latency_vs_context(rows, stem.with_suffix(".png"), f"{label} ({device_name}), {args.new_tokens} new tokens")
     print(f"{label} on {device_name}; medians of {args.repeats} round-robin repeats; ratios vs fullkv at each length")
     print(f"{'context':>8} {'config':<22}{'prefill s':>10}{'TTFT s':>9}{'TPOT ms':>9}{'tok/s':>8}{'cache MiB':>10}"

@@ -14,7 +14,7 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -98,8 +98,10 @@ def ppl_rows(results: Sequence[ppl.PPLResult], budgets: Sequence[float | None], 
 
 def run_dataset(model: Any, windows: Sequence[Sequence[int]], specs: Sequence[tuple[MethodSpec, float | None]], *,
                 unit: str, prefix_ratio: float, suffix_chunk: int | None, partial: ResultsFile | None,
-                key_prefix: str, speed: dict[str, int] | None, progress: bool = True) -> list[dict[str, Any]]:
-    """Suffix PPL of every spec (resumed from ``partial``), then speed round-robin unless ``speed`` is None."""
+                key_prefix: str, speed: dict[str, int] | None, progress: bool = True,
+                save: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+    """Suffix PPL of every spec (resumed from ``partial``), then speed round-robin unless ``speed`` is None.
+    ``save(rows)`` is called with the PPL rows before the speed runs and again with the complete rows."""
     results = []
     for spec, _ in specs:
         key = f"{key_prefix}|{spec.label}|{json.dumps(spec.params, sort_keys=True)}"
@@ -115,6 +117,8 @@ def run_dataset(model: Any, windows: Sequence[Sequence[int]], specs: Sequence[tu
         results.append(result)
     prefix_tokens = round(len(windows[0]) * prefix_ratio)
     rows = ppl_rows(results, [budget for _, budget in specs], unit=unit, prefix_tokens=prefix_tokens)
+    if save is not None:
+        save(rows)
     if speed is None:
         return rows
     import torch
@@ -129,6 +133,8 @@ def run_dataset(model: Any, windows: Sequence[Sequence[int]], specs: Sequence[tu
         for name in ("label", "method", "kept_tokens"):
             measured.pop(name)
         row.update(measured)
+    if save is not None:
+        save(rows)
     return rows
 
 
@@ -176,11 +182,17 @@ def main(argv: list[str] | None = None) -> int:
         windows = ppl.split_windows(stream, args.max_length, args.max_windows)
         partial = ResultsFile(folder / "partial" / f"{label}_{dataset}_ppl.jsonl", key="key")
         key_prefix = f"{dataset}|{args.max_length}|{args.prefix_ratio}|{len(windows)}|{args.suffix_chunk}"
+        stem = folder / f"{label}_{dataset}_kv_metrics"
+
+        def save(rows: list[dict[str, Any]], dataset: str = dataset, stem: Path = stem) -> None:
+            for row in rows:
+                row.update(model=label, dataset=dataset, max_length=args.max_length, prefix_ratio=args.prefix_ratio)
+            write_rows(rows, stem)
+
         rows = run_dataset(model, windows, specs, unit=args.budget_unit, prefix_ratio=args.prefix_ratio,
-                           suffix_chunk=args.suffix_chunk, partial=partial, key_prefix=key_prefix, speed=speed)
-        for row in rows:
-            row.update(model=label, dataset=dataset, max_length=args.max_length, prefix_ratio=args.prefix_ratio)
-        csv_path, _ = write_rows(rows, folder / f"{label}_{dataset}_kv_metrics")
+                           suffix_chunk=args.suffix_chunk, partial=partial, key_prefix=key_prefix, speed=speed,
+                           save=save)
+        csv_path = stem.with_suffix(".csv")
         print(f"\n{dataset}: {len(windows)} windows of {args.max_length} tokens, prefix {args.prefix_ratio:g} -> {csv_path}")
         print(format_table(rows))
         if not args.no_plots:

@@ -23,7 +23,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -299,30 +299,10 @@ def chunked_ppl(model: Any, tokens: Sequence[int], window: int, *, label: str = 
     return result
 
 
-def streaming_comparison(model: Any, tokens: Sequence[int], specs: Sequence[Any], *, chunk_size: int = 1,
-                         fullkv_chunk_size: int | None = None, baseline_window: int = 256, progress: bool = True
-                         ) -> list[dict[str, Any]]:
-    """:func:`streaming_ppl` of every spec (a :class:`kvfactory.benchmarks.speed.MethodSpec`) on the same stream,
-    then the :func:`chunked_ppl` baseline (``baseline_window`` 0: none). One record per configuration: the
-    :class:`PPLResult` fields (with the per-chunk ``step_seconds`` / ``window_nll`` traces), ``mode``
-    (streaming | chunked), ``chunk_size``, the median step time overall and over the last quarter of the stream, and
-    the PPL change against the streaming FullKV record in percent.
-
-    ``fullkv_chunk_size`` feeds FullKV that many tokens at a time (default ``chunk_size``): without eviction the
-    chunk size does not change its PPL (causal attention), only its latency trace.
-    """
+def _streaming_summary(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Add the median step times and the PPL change against the streaming FullKV record to every record."""
     import statistics
 
-    records: list[dict[str, Any]] = []
-    for spec in specs:
-        chunk = fullkv_chunk_size if spec.method == "fullkv" and fullkv_chunk_size else chunk_size
-        result = streaming_ppl(model, tokens, method=spec.method, params=spec.params, chunk_size=chunk,
-                               label=spec.label, progress=progress)
-        records.append({**vars(result), **result.as_row(), "mode": "streaming", "chunk_size": chunk})
-    if baseline_window:
-        result = chunked_ppl(model, tokens, baseline_window, progress=progress)
-        records.append({**vars(result), **result.as_row(), "mode": "chunked", "chunk_size": baseline_window,
-                        "window": baseline_window})
     full = next((r for r in records if r["method"] == "fullkv" and r["mode"] == "streaming"), None)
     for record in records:
         steps = record["step_seconds"] if record["mode"] == "streaming" else []
@@ -330,3 +310,31 @@ def streaming_comparison(model: Any, tokens: Sequence[int], specs: Sequence[Any]
         record["step_median_last_quarter_seconds"] = statistics.median(steps[-max(len(steps) // 4, 1):]) if steps else None
         record["ppl_delta_pct_vs_fullkv"] = 100 * (record["ppl"] / full["ppl"] - 1) if full else None
     return records
+
+
+def streaming_comparison(model: Any, tokens: Sequence[int], specs: Sequence[Any], *, chunk_size: int = 1,
+                         fullkv_chunk_size: int | None = None, baseline_window: int = 256, progress: bool = True,
+                         save: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+    """:func:`streaming_ppl` of every spec (a :class:`kvfactory.benchmarks.speed.MethodSpec`) on the same stream,
+    then the :func:`chunked_ppl` baseline (``baseline_window`` 0: none). One record per configuration: the
+    :class:`PPLResult` fields (with the per-chunk ``step_seconds`` / ``window_nll`` traces), ``mode``
+    (streaming | chunked), ``chunk_size``, the median step time overall and over the last quarter of the stream, and
+    the PPL change against the streaming FullKV record in percent. ``save(records so far)`` is called after each.
+
+    ``fullkv_chunk_size`` feeds FullKV that many tokens at a time (default ``chunk_size``): without eviction the
+    chunk size does not change its PPL (causal attention), only its latency trace.
+    """
+    records: list[dict[str, Any]] = []
+    for spec in [*specs, None] if baseline_window else specs:
+        if spec is None:
+            result = chunked_ppl(model, tokens, baseline_window, progress=progress)
+            records.append({**vars(result), **result.as_row(), "mode": "chunked", "chunk_size": baseline_window,
+                            "window": baseline_window})
+        else:
+            chunk = fullkv_chunk_size if spec.method == "fullkv" and fullkv_chunk_size else chunk_size
+            result = streaming_ppl(model, tokens, method=spec.method, params=spec.params, chunk_size=chunk,
+                                   label=spec.label, progress=progress)
+            records.append({**vars(result), **result.as_row(), "mode": "streaming", "chunk_size": chunk})
+        if save is not None:
+            save(_streaming_summary(records))
+    return _streaming_summary(records)

@@ -305,10 +305,12 @@ def rows_with_ratios(results: Sequence[SpeedResult], baseline_label: str = "full
 
 def sweep(model: Any, prompt: Callable[[int], torch.Tensor], lengths: Sequence[int], specs: Sequence[MethodSpec], *,
           new_tokens: int = 32, repeats: int = 3, warmup: int = 1, baseline_label: str = "fullkv",
-          warmup_every_length: bool = False, progress: bool = True) -> list[dict[str, Any]]:
+          warmup_every_length: bool = False, progress: bool = True,
+          on_length: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
     """:func:`compare` at every context length (``prompt(n)`` gives a ``(1, n)`` prompt); rows carry the ratios to
     ``baseline_label`` measured at the same length in the same run. The ``warmup`` runs (code paths, allocator) are
-    made at the first length only unless ``warmup_every_length``: at long contexts a warm-up costs a full prefill."""
+    made at the first length only unless ``warmup_every_length``: at long contexts a warm-up costs a full prefill.
+    ``on_length(rows so far)`` is called after every length (e.g. to save partial results)."""
     from tqdm import tqdm
 
     bar = tqdm(total=len(lengths) * len(specs) * repeats, desc="speed sweep", unit="run", disable=not progress)
@@ -318,6 +320,8 @@ def sweep(model: Any, prompt: Callable[[int], torch.Tensor], lengths: Sequence[i
         results = compare(model, prompt(length), specs, new_tokens=new_tokens, repeats=repeats,
                           warmup=warmup if index == 0 or warmup_every_length else 0, on_run=lambda: bar.update(1))
         rows.extend(rows_with_ratios(results, baseline_label))
+        if on_length is not None:
+            on_length(rows)
     bar.close()
     return rows
 
