@@ -121,12 +121,8 @@ class CompressedCache(Cache):
     # -- reuse of a compressed context (query-agnostic evaluation) ---------------------------------------------
     def mark(self) -> dict[str, Any]:
         """Remember the current contents so :meth:`rollback` can drop everything appended afterwards."""
-        layers = []
-        for store, window in zip(self.stores, self.query_windows):
-            extras = {} if store is None or isinstance(store, RaggedStore) else {
-                name: store.extra(name).clone() for name in store.extra_names}
-            layers.append((store, None if store is None else store.length, extras,
-                           None if window is None else window.clone()))
+        layers = [(store, None if store is None else _store_state(store), None if window is None else window.clone())
+                  for store, window in zip(self.stores, self.query_windows)]
         return {"seen": self._seen_tokens, "samples": list(self.sample_lengths or []), "layers": layers,
                 "compressions": list(self.compressions)}
 
@@ -135,14 +131,12 @@ class CompressedCache(Cache):
         if self.compressions != mark["compressions"]:
             raise RuntimeError("the cache was re-compressed after mark() (decode_budget reached): cannot roll back; "
                                "use a decode_budget larger than context + question + answer")
-        for layer_idx, (store, length, extras, window) in enumerate(mark["layers"]):
+        for layer_idx, (store, state, window) in enumerate(mark["layers"]):
             if self.stores[layer_idx] is not store:
                 raise RuntimeError("the cache was re-compressed after mark() (decode_budget reached): cannot roll back; "
                                    "use a decode_budget larger than context + question + answer")
             if store is not None:
-                store.truncate(length)
-                for name, values in extras.items():
-                    store.extra(name).copy_(values)
+                _restore_store(store, state)
             self.query_windows[layer_idx] = window
         self._seen_tokens = mark["seen"]
         self.sample_lengths = list(mark["samples"]) or None
@@ -343,6 +337,25 @@ class CompressedCache(Cache):
             rows.append(StoreRow(kept.keys, kept.values, view.positions.gather(2, kept.indices), extras))
         self.stores[layer_idx] = store.replace_rows(rows)
         self.compressions[layer_idx] += 1
+
+
+def _store_state(store: Any) -> Any:
+    """What :meth:`CompressedCache.rollback` needs to return a store to now: its own snapshot when it has one
+    (quantized storage, whose older slots cannot simply be truncated), else its length and per-slot extras."""
+    if hasattr(store, "snapshot"):
+        return store.snapshot()
+    extras = {} if isinstance(store, RaggedStore) else {name: store.extra(name).clone() for name in store.extra_names}
+    return store.length, extras
+
+
+def _restore_store(store: Any, state: Any) -> None:
+    if hasattr(store, "restore"):
+        store.restore(state)
+        return
+    length, extras = state
+    store.truncate(length)
+    for name, values in extras.items():
+        store.extra(name).copy_(values)
 
 
 def cache_nbytes(past_key_values: Any) -> int:

@@ -269,6 +269,7 @@ def patch(model: nn.Module, method: str | Compressor = "fullkv", **params: Any) 
     if quant_params:
         handle.storage, handle.method = quant.configure(
             compressor, quant_params, rotary=handle.rotate, num_layers=handle.num_layers, config=model.config,
+            dtype=next(model.parameters()).dtype,
         )
     handle._install()
     logger.info("patched %s with %s", type(model).__name__, compressor)
