@@ -8,7 +8,7 @@ from kvfactory import quant
 from kvfactory.attention import AttentionSpec, attend
 from kvfactory.quant.budget import dense_nbytes, tokens_for_memory
 from kvfactory.quant.groups import quantize
-from kvfactory.quant.packing import SUPPORTED_BITS, pack, unpack
+from kvfactory.quant.packing import SUPPORTED_BITS, pack, unpack, unpack_float
 from kvfactory.storage.dense import DenseStore, StoreRow
 from kvfactory.storage.quantized import QuantizedStore
 
@@ -30,6 +30,7 @@ def test_pack_unpack_round_trip_is_bit_exact(nbits: int, width: int) -> None:
     packed = pack(codes, nbits)
     assert packed.shape[-1] == -(-width * nbits // 8)
     assert torch.equal(unpack(packed, nbits, width), codes)
+    assert torch.equal(unpack_float(packed, nbits, width), codes.float())
 
 
 @pytest.mark.parametrize("nbits", SUPPORTED_BITS)

@@ -43,7 +43,7 @@ class EncodedTensor:
         """``(B, H, n, d)`` fp32."""
         dense = self.quantized.dequantize()
         if self.low_rank is not None:
-            dense = dense + self.low_rank.expand()
+            self.low_rank.add_to(dense)
         return dense if self.outliers is None else self.outliers.restore(dense)
 
     def parts(self) -> list[object]:

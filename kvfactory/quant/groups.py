@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvfactory.quant.packing import check_bits, pack, packed_width, unpack
+from kvfactory.quant.packing import check_bits, pack, packed_width, unpack_float
 
 LAYOUTS = ("channel", "token")
 SIDE_BYTES = 2 * 2  # an fp16 scale and an fp16 zero-point per group
@@ -60,9 +60,9 @@ class GroupQuantized:
 
     def dequantize(self) -> torch.Tensor:
         """The values ``(B, H, n, d)`` in fp32."""
-        codes = unpack(self.packed, self.nbits, self.head_dim)
+        codes = unpack_float(self.packed, self.nbits, self.head_dim)
         grouped, _ = _grouped(codes, self.layout, self.group_size)
-        return (grouped.float() * self.scale.float() + self.zero.float()).reshape(codes.shape)
+        return torch.addcmul(self.zero.float(), grouped, self.scale.float()).reshape(codes.shape)
 
     def nbytes(self) -> int:
         return sum(t.untyped_storage().nbytes() for t in (self.packed, self.scale, self.zero))

@@ -44,6 +44,13 @@ class LowRank:
         """``L · R`` as ``(B, H, n, d)`` fp32."""
         return torch.matmul(self.left.float(), self.right.float())
 
+    def add_to(self, dense: torch.Tensor) -> torch.Tensor:
+        """``dense (B, H, n, d)`` fp32 contiguous ``+= L · R``, in place (no product tensor is allocated)."""
+        batch, heads, n, head_dim = dense.shape
+        flat = dense.view(batch * heads, n, head_dim)
+        flat.baddbmm_(self.left.float().view(batch * heads, n, -1), self.right.float().view(batch * heads, -1, head_dim))
+        return dense
+
     def nbytes(self) -> int:
         return self.left.untyped_storage().nbytes() + self.right.untyped_storage().nbytes()
 

@@ -7,8 +7,10 @@ leading dimensions stay, so a packed tensor can still be indexed by batch (beam 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 SUPPORTED_BITS = (2, 4, 8)
+_TABLES: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
 def check_bits(nbits: object, what: str = "nbits") -> int:
@@ -55,4 +57,22 @@ def unpack(packed: torch.Tensor, nbits: int, width: int) -> torch.Tensor:
         return packed[..., :width]
     mask = (1 << nbits) - 1
     codes = (packed[..., None] >> _shifts(nbits, packed.device)) & mask
+    return codes.reshape(*packed.shape[:-1], -1)[..., :width]
+
+
+def _code_table(nbits: int, device: torch.device) -> torch.Tensor:
+    """``(256, 8 // nbits)`` fp32: the codes each byte value holds (a lookup replaces shifts, masks and a cast)."""
+    key = (nbits, device)
+    if key not in _TABLES:
+        every_byte = torch.arange(256, dtype=torch.uint8, device=device)
+        _TABLES[key] = ((every_byte[:, None] >> _shifts(nbits, device)) & ((1 << nbits) - 1)).float()
+    return _TABLES[key]
+
+
+def unpack_float(packed: torch.Tensor, nbits: int, width: int) -> torch.Tensor:
+    """``unpack(packed, nbits, width)`` as fp32, in one lookup (the dequantization fast path)."""
+    check_bits(nbits)
+    if nbits == 8:
+        return packed[..., :width].float()
+    codes = F.embedding(packed.long(), _code_table(nbits, packed.device))
     return codes.reshape(*packed.shape[:-1], -1)[..., :width]

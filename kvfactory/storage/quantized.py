@@ -92,12 +92,17 @@ class QuantizedStore:
     def keys(self) -> torch.Tensor:
         dtype = self.residual.keys.dtype
         decoded = [self.quantizer.decode_keys(b.keys, b.positions, self.rotate, dtype) for b in self.blocks]
-        return torch.cat(decoded + [self.residual.keys], dim=2)
+        return self._joined(decoded, self.residual.keys)
 
     @property
     def values(self) -> torch.Tensor:
         dtype = self.residual.values.dtype
-        return torch.cat([b.values.decode().to(dtype) for b in self.blocks] + [self.residual.values], dim=2)
+        return self._joined([b.values.decode().to(dtype) for b in self.blocks], self.residual.values)
+
+    @staticmethod
+    def _joined(decoded: list[torch.Tensor], residual: torch.Tensor) -> torch.Tensor:
+        parts = decoded + ([residual] if residual.shape[2] or not decoded else [])
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
     @property
     def positions(self) -> torch.Tensor:
