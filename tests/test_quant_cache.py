@@ -148,3 +148,21 @@ def test_beam_search_reorders_quantized_stores() -> None:
 def test_bad_quantization_arguments_are_clear_errors(method: str, params: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         kvfactory.patch(tiny_model("llama"), method, **params)
+
+
+@pytest.mark.parametrize("quantizer", quant.names())
+def test_runner_flags_reach_the_quantized_storage(quantizer: str) -> None:
+    import argparse
+
+    from kvfactory.benchmarks.common import add_method_arguments, add_model_arguments, patch_parameters
+
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser)
+    add_method_arguments(parser)
+    args = parser.parse_args(["--method", "snapkv", "--max_capacity_prompts", "32", "--quant_method", quantizer,
+                              "--nbits", "2", "--method_kwargs", '{"q_group_size": 8}'])
+    name, params = patch_parameters(args)
+    with kvfactory.patch(tiny_model("llama"), name, **params) as handle, torch.no_grad():
+        handle.model(random_prompt(64), use_cache=True)
+    assert all(isinstance(store, QuantizedStore) and store.quantizer.nbits == 2 and store.quantizer.q_group_size == 8
+               for store in handle.last_cache.stores[1:])
