@@ -229,3 +229,24 @@ def test_ppl_cli_suffix_streaming_grid_and_plot(tmp_path: Path, monkeypatch: pyt
     assert {p.name for p in out.rglob("*.png")} == {"tiny_texts_ppl_vs_budget.png", "tiny_texts_tpot_vs_budget.png",
                                                    "tiny_pg_essays_streaming_ppl.png"}
     assert run_ppl.main(["nosuch"]) == 2
+
+
+def test_hub_datasets_are_read_through_datasets(monkeypatch: pytest.MonkeyPatch) -> None:
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def fake_load(path, config=None, split=None, streaming=False):
+        calls.append((path, config, split, streaming))
+        return [{"text": " = Title = \n"}, {"text": "\n"}, {"text": " one line \n"}, {"text": "another\n"}]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    assert ppl.load_documents("wikitext2") == ["= Title =", "one line", "another"]  # line-wise, empty lines dropped
+    assert ppl.load_documents("pg19", max_documents=2) == [" = Title = \n", "\n"]  # whole books
+    assert calls == [("Salesforce/wikitext", "wikitext-2-raw-v1", "test", False), ("emozilla/pg19-test", None, "test", True)]
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(RuntimeError, match="online"):
+        ppl.load_documents("pg19")
