@@ -162,7 +162,6 @@ class CellStore:
         self.path = run.results_dir
         done = protocol.completed_cells(run.results_dir, model=run.model, method=run.method, budget=run.budget)
         self._done = {cell_key(length, depth) for length, depth in done}
-        self.written: list[Path] = []
 
     @property
     def done_keys(self) -> set[str]:
@@ -179,10 +178,10 @@ class CellStore:
         length, depth = record.pop("context_length"), record.pop("depth_percent")
         kept, seconds = record.pop("kept_tokens"), record.pop("seconds")
         scores = protocol.score_answer(answer, self.run.needle, self.run.question)
-        self.written.append(protocol.write_cell(
+        protocol.write_cell(
             self.run.results_dir, model=self.run.model, method=self.run.method, budget=self.run.budget,
             context_length=length, depth_percent=depth, needle=self.run.needle, answer=answer, kept_tokens=kept,
-            seconds=seconds, extra=record, **scores))
+            seconds=seconds, extra=record, **scores)
         self._done.add(key)
 
 
