@@ -36,10 +36,23 @@ def main() -> int:
     parser.add_argument("--length", type=int, default=1000, help="passkey prompt length")
     parser.add_argument("--seeds", type=int, default=3, help="passkey seeds (x 7 depths)")
     parser.add_argument("--head_path", type=Path, default=REPO_ROOT / "data" / "heads_score" / "smollm2-135m.json")
+    parser.add_argument("--parts", default="timing,accuracy",
+                        help="timing (items 1-3: needs a quiet machine), accuracy (item 4: does not), or both")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    if not parts or parts - {"timing", "accuracy"}:
+        parser.error(f"--parts takes timing and/or accuracy, got {args.parts!r}")
     model, tokenizer = kvfactory.models.load(args.model_path)
     budget = 128
+    if "timing" in parts:
+        timing(model, tokenizer, budget, args.length)
+    if "accuracy" in parts:
+        accuracy(model, tokenizer, budget, args)
+    return 0
 
+
+def timing(model, tokenizer, budget: int, length: int) -> None:
+    """Items 1-3: adakv vs snapkv bytes and TPOT, batch-8 vs one-at-a-time throughput."""
     ids = torch.tensor([make_passkey_sample(tokenizer, 2048, 0.5).input_ids])
     print(f"[1,2] {ids.shape[1]}-token prompt, C={budget}, 32 new tokens, 3 interleaved runs")
     runs: dict[str, list] = {"snapkv": [], "adakv": []}
@@ -57,7 +70,7 @@ def main() -> int:
     print(f"    TPOT snapkv {tpot['snapkv'] * 1000:.1f} ms, adakv {tpot['adakv'] * 1000:.1f} ms, "
           f"ratio {tpot['adakv'] / tpot['snapkv']:.3f}")
 
-    prompts = [make_passkey_sample(tokenizer, args.length - 40 * i, DEPTHS[i % 7], seed=i).input_ids for i in range(8)]
+    prompts = [make_passkey_sample(tokenizer, length - 40 * i, DEPTHS[i % 7], seed=i).input_ids for i in range(8)]
     batch, mask = left_pad(prompts, tokenizer.pad_token_id, "cpu")
     with kvfactory.patch(model, "snapkv", max_capacity_prompt=budget):
         together = measure(model, batch, method="snapkv", new_tokens=32, repeats=1, warmup=1, attention_mask=mask)
@@ -68,6 +81,9 @@ def main() -> int:
           f" decode throughput batch 8 / batch 1 = {decode_one / together.decode_seconds:.2f}; end to end (prefill "
           f"included) = {total_one / (together.prefill_seconds + together.decode_seconds):.2f}")
 
+
+def accuracy(model, tokenizer, budget: int, args: argparse.Namespace) -> None:
+    """Item 4: passkey accuracy of fullkv, snapkv, adakv and headkv over depths and seeds."""
     if not args.head_path.exists():
         print(f"    computing retrieval-head scores for HeadKV into {args.head_path}")
         args.head_path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,7 +106,6 @@ def main() -> int:
                   in enumerate(zip(samples, found["fullkv"], found[name])) if full and not hit]
         print(f"    {name}: wrong where fullkv is right on {len(missed)} prompt(s){': ' if missed else ''}"
               f"{', '.join(missed)}")
-    return 0
 
 
 if __name__ == "__main__":
