@@ -151,10 +151,9 @@ def main() -> int:
     }
     heads, head_dim = kv_shape(model.config)
     memory = model.config.num_hidden_layers * dense_nbytes(args.budget, heads, head_dim)
-    print(f"    memory budget: {args.budget} 16-bit tokens per layer and KV head = {memory / 2**20:.3f} MiB "
-          "(K, V and positions); 'prefix MiB' is what each cache really holds after the prefix")
-    rows["pruning"] = perplexity(model, windows, pruning, f"[3] quantized pruning at the memory of C={args.budget} "
-                                 "16-bit tokens (same windows)", f"snapkv C={args.budget} 16-bit", chunk)
+    title = (f"[3] quantized pruning at the memory of C={args.budget} 16-bit tokens (same windows): "
+             f"{memory / 2**20:.3f} MiB (K, V, positions; 'prefix MiB' is what each cache really holds)")
+    rows["pruning"] = perplexity(model, windows, pruning, title, f"snapkv C={args.budget} 16-bit", chunk)
     print(f"total {time.perf_counter() - started:.0f} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
