@@ -137,6 +137,7 @@ def plot_streaming(records: Sequence[dict[str, Any]], path: Path, title: str = "
 
     plt = _pyplot()
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    final_ppl = []
     for record in records:
         chunk = record.get("chunk_size") or 1
         steps, nll = record.get("step_seconds") or [], record.get("window_nll") or []
@@ -147,11 +148,15 @@ def plot_streaming(records: Sequence[dict[str, Any]], path: Path, title: str = "
         if nll:
             width = record.get("window", chunk) if record.get("mode") == "chunked" else chunk
             counts = np.minimum(np.arange(1, len(nll) + 1) * width, record["tokens"])
-            right.plot(counts, np.exp(np.cumsum(nll) / counts), label=record["label"], linewidth=1)
+            running = np.exp(np.cumsum(nll) / counts)
+            right.plot(counts, running, label=record["label"], linewidth=1)
+            final_ppl.append(float(running[-1]))
     left.set_xlabel("position in the stream (tokens)")
     left.set_ylabel("latency per fed chunk (ms, rolling median)")
     right.set_xlabel("tokens scored")
     right.set_ylabel("running PPL")
+    if final_ppl:  # the first few tokens' PPL is huge: keep the scale of the end values
+        right.set_ylim(0, 2 * max(final_ppl))
     return _save(figure, (left, right), path, title or "streaming perplexity")
 
 
