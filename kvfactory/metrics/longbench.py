@@ -31,6 +31,8 @@ from typing import Any, Callable, Sequence
 import jieba
 from rouge import Rouge
 
+from kvfactory.metrics.files import merge_metrics_json
+
 with warnings.catch_warnings():  # "slow pure-python SequenceMatcher": the difflib path is the chosen one
     warnings.simplefilter("ignore", UserWarning)
     from fuzzywuzzy import fuzz
@@ -270,20 +272,8 @@ def _json_safe(value: Any) -> Any:
 
 
 def _write_metrics(folder: Path, scores: dict[str, Any]) -> None:
-    """``metrics.json`` of one dataset folder: ``{method: score}``, merged into what is there (no method erases
-    another's score)."""
-    path = folder / "metrics.json"
-    merged: dict[str, Any] = {}
-    if path.is_file():
-        try:
-            existing = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            logger.warning("%s is not valid JSON; rewriting it", path)
-        else:
-            if isinstance(existing, dict):
-                merged.update(existing)
-    merged.update(_json_safe(scores))
-    path.write_text(json.dumps(merged, indent=4, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
+    """``metrics.json`` of one dataset folder: ``{method: score}``, merged into what is there."""
+    merge_metrics_json(folder, _json_safe(scores), indent=4)
 
 
 def _dataset_order(name: str) -> tuple[int, int]:

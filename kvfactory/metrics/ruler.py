@@ -17,6 +17,8 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from kvfactory.metrics.files import merge_metrics_json
+
 __all__ = [
     "postprocess_pred", "string_match_all", "string_match_part", "TASK_METRICS", "metric_for", "score_task",
     "read_predictions", "score_results", "format_table", "main",
@@ -125,21 +127,6 @@ def _task_order(task: str) -> tuple[int, str]:
     return (order.index(task), task) if task in order else (len(order), task)
 
 
-def _write_metrics(folder: Path, scores: dict[str, float]) -> None:
-    path = folder / "metrics.json"
-    merged: dict[str, Any] = {}
-    if path.is_file():
-        try:
-            existing = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            logger.warning("%s is not valid JSON; rewriting it", path)
-        else:
-            if isinstance(existing, dict):
-                merged.update(existing)
-    merged.update(scores)
-    path.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
 def _mean(values: list[float]) -> float:
     return round(sum(values) / len(values), 2)
 
@@ -170,7 +157,7 @@ def score_results(results_dir: str | Path) -> dict[str, dict[str, float]]:
                 scores[path.stem] = score_task(preds, refs, task_dir.name)
             if not scores:
                 continue
-            _write_metrics(task_dir, scores)
+            merge_metrics_json(task_dir, scores)
             column = f"{length_dir.name}/{task_dir.name}"
             columns.append(column)
             for method, score in scores.items():
