@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 import jieba
 from rouge import Rouge
 
-from kvfactory.metrics.files import merge_metrics_json
+from kvfactory.metrics.files import jsonl_lines, merge_metrics_json
 
 with warnings.catch_warnings():  # "slow pure-python SequenceMatcher": the difflib path is the chosen one
     warnings.simplefilter("ignore", UserWarning)
@@ -228,27 +228,19 @@ def read_predictions(path: str | Path) -> list[dict[str, Any]]:
     ``_id`` keeps its first line (a file appended to twice by another tool is not double-counted)."""
     records: list[dict[str, Any]] = []
     seen: set[str] = set()
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                logger.warning("%s:%d: skipped, not valid JSON (%s)", path, number, error.msg)
-                continue
-            missing = [f for f in REQUIRED_FIELDS if not isinstance(record, dict) or f not in record]
-            if missing:
-                logger.warning("%s:%d: skipped, missing %s", path, number, ", ".join(missing))
-                continue
-            if not isinstance(record["pred"], str) or not isinstance(record["answers"], list):
-                logger.warning("%s:%d: skipped, pred must be a string and answers a list", path, number)
-                continue
-            if record["_id"] in seen:
-                logger.warning("%s:%d: skipped, _id %s repeated", path, number, record["_id"])
-                continue
-            seen.add(record["_id"])
-            records.append(record)
+    for number, record in jsonl_lines(path):
+        missing = [f for f in REQUIRED_FIELDS if not isinstance(record, dict) or f not in record]
+        if missing:
+            logger.warning("%s:%d: skipped, missing %s", path, number, ", ".join(missing))
+            continue
+        if not isinstance(record["pred"], str) or not isinstance(record["answers"], list):
+            logger.warning("%s:%d: skipped, pred must be a string and answers a list", path, number)
+            continue
+        if record["_id"] in seen:
+            logger.warning("%s:%d: skipped, _id %s repeated", path, number, record["_id"])
+            continue
+        seen.add(record["_id"])
+        records.append(record)
     return records
 
 

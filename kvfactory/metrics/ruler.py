@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from kvfactory.metrics.files import merge_metrics_json
+from kvfactory.metrics.files import jsonl_lines, merge_metrics_json
 
 __all__ = [
     "postprocess_pred", "string_match_all", "string_match_part", "TASK_METRICS", "metric_for", "score_task",
@@ -94,31 +93,24 @@ def read_predictions(path: str | Path) -> tuple[list[str], list[list[str]]]:
     preds: list[str] = []
     refs: list[list[str]] = []
     seen: set[Any] = set()
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                index, pred, outputs = record["index"], record["pred"], record["outputs"]
-            except json.JSONDecodeError as error:
-                logger.warning("%s:%d: skipped, not valid JSON (%s)", path, number, error.msg)
-                continue
-            except (KeyError, TypeError):
-                logger.warning("%s:%d: skipped, needs an object with index, pred and outputs", path, number)
-                continue
-            if isinstance(outputs, str):
-                outputs = [outputs]
-            if not isinstance(pred, str) or not isinstance(outputs, list) or not outputs or None in outputs:
-                logger.warning("%s:%d: skipped, pred must be a string and outputs a non-empty list of answers",
-                               path, number)
-                continue
-            if not isinstance(index, (int, str)) or index in seen:
-                logger.warning("%s:%d: skipped, index %r missing or repeated", path, number, index)
-                continue
-            seen.add(index)
-            preds.append(pred)
-            refs.append([str(o) for o in outputs])
+    for number, record in jsonl_lines(path):
+        try:
+            index, pred, outputs = record["index"], record["pred"], record["outputs"]
+        except (KeyError, TypeError):
+            logger.warning("%s:%d: skipped, needs an object with index, pred and outputs", path, number)
+            continue
+        if isinstance(outputs, str):
+            outputs = [outputs]
+        if not isinstance(pred, str) or not isinstance(outputs, list) or not outputs or None in outputs:
+            logger.warning("%s:%d: skipped, pred must be a string and outputs a non-empty list of answers",
+                           path, number)
+            continue
+        if not isinstance(index, (int, str)) or index in seen:
+            logger.warning("%s:%d: skipped, index %r missing or repeated", path, number, index)
+            continue
+        seen.add(index)
+        preds.append(pred)
+        refs.append([str(o) for o in outputs])
     return preds, refs
 
 
