@@ -18,7 +18,6 @@ the 21 tasks, or ``{task}_e`` for a LongBench-E split), one JSON object per line
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import re
