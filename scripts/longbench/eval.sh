@@ -25,25 +25,10 @@ export CUDA_VISIBLE_DEVICES="$1"
 method="$2"
 capacity="$3"
 shift 3
-positional=()
-while [ $# -gt 0 ] && [[ "$1" != --* ]]; do
-    positional+=("$1")
-    shift
-done
-if [ ${#positional[@]} -gt 5 ]; then
-    echo "eval.sh: at most 5 optional positional arguments (ATTN MODEL_PATH MERGE QUANT_METHOD NBITS), got: ${positional[*]}" >&2
-    exit 2
-fi
-
-is_set() { [ -n "${1:-}" ] && [ "$1" != "none" ] && [ "$1" != "None" ]; }
-
-args=(--method "$method" --max_capacity_prompts "$capacity")
-flags=(--attn_implementation --model_path --merge --quant_method --nbits)
-for i in "${!positional[@]}"; do
-    if is_set "${positional[$i]}"; then
-        args+=("${flags[$i]}" "${positional[$i]}")
-    fi
-done
+. "$(dirname "$0")/../positional.sh"
+positional_flags "ATTN MODEL_PATH MERGE QUANT_METHOD NBITS" \
+    --attn_implementation --model_path --merge --quant_method --nbits -- "$@"
+args=(--method "$method" --max_capacity_prompts "$capacity" "${flag_args[@]}")
 
 cd "$(dirname "$0")/../.."
 PYTHON="${PYTHON:-python}"
@@ -51,4 +36,4 @@ if "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else
     args+=(--device_map auto)  # a later --device_map in the extra flags wins
 fi
 set -x
-exec "$PYTHON" run_longbench.py "${args[@]}" "$@"
+exec "$PYTHON" run_longbench.py "${args[@]}" "${passthrough[@]}"

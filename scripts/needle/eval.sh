@@ -28,26 +28,10 @@ fi
 method="$2"
 capacity="$3"
 shift 3
-positional=()
-while [ $# -gt 0 ] && [[ "$1" != --* ]]; do
-    positional+=("$1")
-    shift
-done
-if [ ${#positional[@]} -gt 5 ]; then
-    echo "eval.sh: at most 5 optional positional arguments (MODEL_PATH S_LEN E_LEN STEP ATTN), got: ${positional[*]}" >&2
-    exit 2
-fi
-
-is_set() { [ -n "${1:-}" ] && [ "$1" != "none" ] && [ "$1" != "None" ]; }
-
+. "$(dirname "$0")/../positional.sh"
+positional_flags "MODEL_PATH S_LEN E_LEN STEP ATTN" --model_path --s_len --e_len --step --attn_implementation -- "$@"
 save_dir="${SAVE_DIR:-results_needle}"
-args=(--method "$method" --max_capacity_prompts "$capacity" --save_dir "$save_dir")
-flags=(--model_path --s_len --e_len --step --attn_implementation)
-for i in "${!positional[@]}"; do
-    if is_set "${positional[$i]}"; then
-        args+=("${flags[$i]}" "${positional[$i]}")
-    fi
-done
+args=(--method "$method" --max_capacity_prompts "$capacity" --save_dir "$save_dir" "${flag_args[@]}")
 
 cd "$(dirname "$0")/../.."
 PYTHON="${PYTHON:-python}"
@@ -58,5 +42,5 @@ model="${positional[0]:-smollm2-135m}"
 is_set "$model" || model=smollm2-135m
 mkdir -p "$save_dir/logs"
 log="$save_dir/logs/$(basename "${model%/}")_${method}_${capacity}.log"
-echo "+ $PYTHON run_needle.py ${args[*]} $* | tee $log" >&2
-"$PYTHON" run_needle.py "${args[@]}" "$@" 2>&1 | tee "$log"
+echo "+ $PYTHON run_needle.py ${args[*]} ${passthrough[*]} | tee $log" >&2
+"$PYTHON" run_needle.py "${args[@]}" "${passthrough[@]}" 2>&1 | tee "$log"
