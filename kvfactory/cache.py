@@ -20,7 +20,7 @@ from transformers.cache_utils import Cache, DynamicCache
 
 from kvfactory.attention import AttentionSpec, attend
 from kvfactory.methods.base import Compressor, Kept, gather_tokens
-from kvfactory.methods.scoring import reduce_groups
+from kvfactory.methods.scoring import PrefillAttention, reduce_groups
 from kvfactory.storage.base import DenseStorage, StorageFactory
 from kvfactory.storage.dense import StoreRow
 from kvfactory.storage.ragged import RaggedStore
@@ -184,12 +184,18 @@ class CompressedCache(Cache):
         store = self.stores[layer_idx]
         if store is None:
             self.num_query_heads = queries.shape[1]
-            output, lse = attend(
+            output, extra = attend(
                 queries, keys, values, self.spec, key_valid=valid, query_valid=valid,
                 query_positions=positions, key_positions=positions[:, None, :].expand(-1, keys.shape[1], -1),
-                need_lse=self.method.uses_attention_lse,
+                need_lse=self.method.uses_prefill_attention,
             )
-            self._prefill(layer_idx, queries, keys, values, positions, valid, lse)
+            # H2O scores the full causal attention: what a sliding window hid from the kernel cannot be reused
+            window = self.spec.sliding_window
+            reusable = self.method.uses_prefill_attention and extra is not None
+            if window is not None and keys.shape[-2] > window:
+                reusable = False
+            prefill = PrefillAttention.from_kernel(extra, valid) if reusable else None
+            self._prefill(layer_idx, queries, keys, values, positions, valid, prefill)
             return output
         store.append(keys, values, positions, valid)
         needs_weights = self.method.needs_decode_attention
@@ -212,21 +218,22 @@ class CompressedCache(Cache):
     # -- internals ---------------------------------------------------------------------------------------------
     @staticmethod
     def _samples(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-                 valid: torch.Tensor | None, lse: torch.Tensor | None) -> list[tuple[Any, ...]]:
-        """The prompt as ``(queries, keys, values, positions, lse)`` parts: the whole batch when nothing is padded,
-        else one part per sample holding only its real tokens (padding never scores and is never kept)."""
+                 valid: torch.Tensor | None, prefill: PrefillAttention | None) -> list[tuple[Any, ...]]:
+        """The prompt as ``(queries, keys, values, positions, prefill)`` parts: the whole batch when nothing is
+        padded, else one part per sample holding only its real tokens (padding never scores and is never kept)."""
         if valid is None:
-            return [(queries, keys, values, positions, lse)]
+            return [(queries, keys, values, positions, prefill)]
         parts = []
         for b in range(keys.shape[0]):
             real = valid[b].nonzero().flatten()
-            parts.append(tuple(None if t is None else t[b : b + 1].index_select(dim, real)
-                               for t, dim in ((queries, 2), (keys, 2), (values, 2), (positions, 1), (lse, 2))))
+            parts.append(tuple(t[b : b + 1].index_select(dim, real)
+                               for t, dim in ((queries, 2), (keys, 2), (values, 2), (positions, 1)))
+                         + (None if prefill is None else prefill.tokens(b, real),))
         return parts
 
     def _prefill(self, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                 positions: torch.Tensor, valid: torch.Tensor | None, lse: torch.Tensor | None = None) -> None:
-        parts = self._samples(queries, keys, values, positions, valid, lse)
+                 positions: torch.Tensor, valid: torch.Tensor | None, prefill: PrefillAttention | None = None) -> None:
+        parts = self._samples(queries, keys, values, positions, valid, prefill)
         heads = keys.shape[1]
         if getattr(self.method, "headwise", False):  # each head keeps its own count: ragged storage, no padding
             stores = [
@@ -275,20 +282,20 @@ class CompressedCache(Cache):
         self.compressions[layer_idx] += 1
 
     def _compress_row(self, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                      positions: torch.Tensor, lse: torch.Tensor | None) -> StoreRow:
+                      positions: torch.Tensor, prefill: PrefillAttention | None) -> StoreRow:
         """Compress one batch row (or a whole unpadded batch) of a prompt."""
         kept = self.method.compress_tokens(queries, keys, values, layer_idx=layer_idx, num_layers=self.num_layers,
-                                           attention_lse=lse)
-        return self._row(kept, positions[:, None, :].expand(-1, keys.shape[1], -1), queries, keys, lse)
+                                           prefill_attention=prefill)
+        return self._row(kept, positions[:, None, :].expand(-1, keys.shape[1], -1), queries, keys, prefill)
 
     def _row(self, kept: Kept, positions: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor,
-             lse: torch.Tensor | None) -> StoreRow:
+             prefill: PrefillAttention | None) -> StoreRow:
         """Store the kept tokens with their positions (and H2O-style accumulators when decoding needs them)."""
         extras = {}
         if self.method.needs_decode_attention:
             scores = kept.scores
             if scores is None:  # nothing was evicted: the accumulators start from every token's prompt attention
-                scores = self.method.token_scores(queries, keys, lse).gather(2, kept.indices)
+                scores = self.method.token_scores(queries, keys, prefill).gather(2, kept.indices)
             extras[SCORES] = scores.float()
         return StoreRow(kept.keys, kept.values, positions.gather(2, kept.indices), extras)
 

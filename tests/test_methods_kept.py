@@ -213,6 +213,46 @@ def test_h2o_column_sums_from_the_attention_kernels_lse(qkv) -> None:
     assert torch.allclose(causal_column_sums(q, k), naive, atol=1e-4)
 
 
+def test_h2o_column_sums_from_the_eager_weights(qkv) -> None:
+    """On the eager path H2O reads its column sums off the weights the layer computed; padded query rows, which
+    attend everywhere, are left out of the sums."""
+    from kvfactory.attention import AttentionSpec, attend
+    from kvfactory.methods.scoring import PrefillAttention, causal_column_sums
+
+    q, k, v = qkv
+    _, weights = attend(q, k, v, AttentionSpec("eager"), need_lse=True)
+    prefill = PrefillAttention.from_kernel(weights)
+    naive = naive_causal_attention(q, k).sum(-2).view(B, HKV, GROUPS, N)
+    assert prefill.lse is None and torch.allclose(causal_column_sums(q, k, prefill=prefill), naive, atol=1e-5)
+    query_valid = torch.ones(B, N, dtype=torch.bool)
+    query_valid[0, :3] = False
+    sums = PrefillAttention.from_kernel(weights, query_valid).column_sums
+    expected = (weights * query_valid[:, None, None, :, None]).sum(dim=3).flatten(1, 2)
+    assert torch.allclose(sums, expected) and not torch.allclose(sums[0], prefill.column_sums[0])
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gpt-neox"])
+def test_h2o_eager_and_sdpa_keep_the_same_tokens(arch: str) -> None:
+    """H2O runs on both tested attention paths (eager reuses the weights, sdpa the kernel's lse) with one result,
+    padded batch and decode-time budget included."""
+    import kvfactory
+    from tests.conftest import tiny_model
+
+    ids = torch.randint(3, 100, (2, 40), generator=torch.Generator().manual_seed(0))
+    attention_mask = torch.ones_like(ids)
+    attention_mask[1, :7] = 0
+    kept, generated = {}, {}
+    for implementation in ("eager", "sdpa"):
+        model = tiny_model(arch, implementation)
+        with kvfactory.patch(model, "h2o", max_capacity_prompt=16, window_size=4, decode_budget=20):
+            out = model(ids, attention_mask=attention_mask, use_cache=True)
+            kept[implementation] = [out.past_key_values.kept_positions(layer) for layer in range(2)]
+            generated[implementation] = model.generate(ids, attention_mask=attention_mask, max_new_tokens=6,
+                                                       do_sample=False, pad_token_id=0)
+    assert all(torch.equal(a, b) for a, b in zip(kept["eager"], kept["sdpa"]))
+    assert torch.equal(generated["eager"], generated["sdpa"])
+
+
 def test_h2o_column_sums_by_the_cpu_kernel_equal_the_chunked_ones(qkv, monkeypatch: pytest.MonkeyPatch) -> None:
     """Both ways of computing H2O's column sums and log-sum-exps (the CPU flash kernel, query chunks elsewhere)
     agree with the naive softmax."""

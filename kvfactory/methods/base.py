@@ -19,7 +19,7 @@ from typing import ClassVar
 
 import torch
 
-from kvfactory.methods.scoring import GQA_AGGREGATIONS, POOLINGS
+from kvfactory.methods.scoring import GQA_AGGREGATIONS, POOLINGS, PrefillAttention
 
 logger = logging.getLogger(__name__)
 
@@ -93,10 +93,10 @@ class Compressor:
         layer_idx: int,
         num_layers: int,
         accumulated: torch.Tensor | None = None,
-        attention_lse: torch.Tensor | None = None,
+        prefill_attention: PrefillAttention | None = None,
     ) -> Selection:
         """Choose ``capacity`` tokens per KV head. ``accumulated`` holds per-token scores carried from earlier steps;
-        ``attention_lse (B, Hq, n)`` is the prefill attention's log-sum-exp when the kernel gave it."""
+        ``prefill_attention`` holds what the prefill attention already computed (lse or column sums), if anything."""
         return Selection(all_positions(keys))
 
     def kept_key_values(
@@ -121,10 +121,10 @@ class Compressor:
         """Whether decode-time eviction needs the attention weights of every decoded token (H2O)."""
         return False
 
-    uses_attention_lse: ClassVar[bool] = False  # whether select reads the prefill attention's log-sum-exp
+    uses_prefill_attention: ClassVar[bool] = False  # whether select reads the prefill attention's lse/column sums
 
-    def token_scores(self, queries: torch.Tensor, keys: torch.Tensor, attention_lse: torch.Tensor | None = None
-                     ) -> torch.Tensor:
+    def token_scores(self, queries: torch.Tensor, keys: torch.Tensor,
+                     prefill_attention: PrefillAttention | None = None) -> torch.Tensor:
         """Per-token scores ``(B, Hkv, n)`` that start the decode-time accumulators (methods that need them)."""
         raise NotImplementedError(f"{self.name} keeps no per-token scores")
 
@@ -139,7 +139,7 @@ class Compressor:
         num_layers: int = 1,
         capacity: int | None = None,
         accumulated: torch.Tensor | None = None,
-        attention_lse: torch.Tensor | None = None,
+        prefill_attention: PrefillAttention | None = None,
     ) -> Kept:
         """Compress one layer to ``capacity`` tokens (default: the method's own ``capacity``); returns everything
         unchanged when the capacity covers the sequence."""
@@ -150,7 +150,7 @@ class Compressor:
             return Kept(keys, values, all_positions(keys), accumulated)
         selection = self.select(
             queries, keys, values, capacity=capacity, layer_idx=layer_idx, num_layers=num_layers,
-            accumulated=accumulated, attention_lse=attention_lse,
+            accumulated=accumulated, prefill_attention=prefill_attention,
         )
         kept_keys, kept_values = self.kept_key_values(queries, keys, values, selection, layer_idx)
         return Kept(kept_keys, kept_values, selection.indices, selection.scores)
@@ -317,7 +317,7 @@ class WindowedCompressor(BudgetedCompressor):
         layer_idx: int,
         num_layers: int,
         accumulated: torch.Tensor | None = None,
-        attention_lse: torch.Tensor | None = None,
+        prefill_attention: PrefillAttention | None = None,
     ) -> Selection:
         past_scores = self.score(queries, keys, values, layer_idx=layer_idx, accumulated=accumulated)
         indices = top_past_plus_window(past_scores, capacity, self.window_size, self.num_sinks())

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from kvfactory.methods.base import Selection, WindowedCompressor, top_past_plus_window
-from kvfactory.methods.scoring import causal_column_sums, reduce_groups
+from kvfactory.methods.scoring import PrefillAttention, causal_column_sums, reduce_groups
 
 
 @dataclass(kw_only=True)
@@ -34,7 +34,7 @@ class H2O(WindowedCompressor):
     name = "h2o"
     sink_size: int = 0
     merge: str | None = None
-    uses_attention_lse = True
+    uses_prefill_attention = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.sink_size, int) or self.sink_size < 0:
@@ -44,14 +44,14 @@ class H2O(WindowedCompressor):
     def num_sinks(self) -> int:
         return self.sink_size
 
-    def token_scores(self, queries: torch.Tensor, keys: torch.Tensor, attention_lse: torch.Tensor | None = None
-                     ) -> torch.Tensor:
+    def token_scores(self, queries: torch.Tensor, keys: torch.Tensor,
+                     prefill_attention: PrefillAttention | None = None) -> torch.Tensor:
         """Accumulated attention ``(B, Hkv, n)`` each prompt token received."""
-        return reduce_groups(causal_column_sums(queries, keys, attention_lse), self.gqa_score_agg)
+        return reduce_groups(causal_column_sums(queries, keys, prefill=prefill_attention), self.gqa_score_agg)
 
     def select(self, queries, keys, values, *, capacity, layer_idx, num_layers, accumulated=None,
-               attention_lse=None) -> Selection:
-        scores = accumulated if accumulated is not None else self.token_scores(queries, keys, attention_lse)
+               prefill_attention=None) -> Selection:
+        scores = accumulated if accumulated is not None else self.token_scores(queries, keys, prefill_attention)
         past = keys.shape[-2] - self.window_size
         indices = top_past_plus_window(scores[..., :past], capacity, self.window_size, self.sink_size)
         return Selection(indices, scores.gather(2, indices))

@@ -7,6 +7,7 @@ the query heads: queries are viewed as ``(B, Hkv, g, n_q, d)`` (query head ``h``
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +64,34 @@ def _causal_chunk_logits(queries: torch.Tensor, keys: torch.Tensor, start: int, 
     return logits
 
 
+@dataclass(frozen=True)
+class PrefillAttention:
+    """What the prefill attention already computed, so that scoring need not compute it again.
+
+    ``lse (B, Hq, n)`` is each query's log-sum-exp (the CPU flash kernel returns it); ``column_sums (B, Hq, n)`` is
+    the attention every token received, summed over the real queries (the eager path materializes the weights).
+    Either may be None.
+    """
+
+    lse: torch.Tensor | None = None
+    column_sums: torch.Tensor | None = None
+
+    @classmethod
+    def from_kernel(cls, extra: torch.Tensor, query_valid: torch.Tensor | None = None) -> PrefillAttention:
+        """From :func:`kvfactory.attention.attend`'s second result: eager weights ``(B, Hkv, g, n, T)`` or an
+        lse ``(B, Hq, n)``. Padded query rows (``query_valid`` False) attend everywhere, so they are left out."""
+        if extra.dim() == 3:
+            return cls(lse=extra)
+        if query_valid is not None:
+            extra = extra * query_valid[:, None, None, :, None]
+        return cls(column_sums=extra.sum(dim=3).flatten(1, 2))
+
+    def tokens(self, row: int, real: torch.Tensor) -> PrefillAttention:
+        """The same facts for batch row ``row``'s tokens ``real`` only."""
+        return PrefillAttention(*(None if t is None else t[row : row + 1].index_select(2, real)
+                                  for t in (self.lse, self.column_sums)))
+
+
 def causal_logsumexp(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """Log-sum-exp of each query's causal logits, ``(B, Hq, n)`` fp32 (when the attention kernel did not give it)."""
     batch, num_q_heads, n, _ = queries.shape
@@ -77,14 +106,21 @@ def causal_logsumexp(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return lse.view(batch, num_q_heads, n)
 
 
-def causal_column_sums(queries: torch.Tensor, keys: torch.Tensor, lse: torch.Tensor | None = None) -> torch.Tensor:
+def causal_column_sums(queries: torch.Tensor, keys: torch.Tensor, lse: torch.Tensor | None = None,
+                       prefill: PrefillAttention | None = None) -> torch.Tensor:
     """Σ over every query of its causal softmax attention to each key, ``(B, Hkv, g, n)`` in fp32.
 
-    Query ``i`` is the query of key ``i`` (a prompt attending to itself). With the attention's log-sum-exp ``lse
-    (B, Hq, n)`` (from the prefill kernel) one pass suffices: ``Σ_i exp(q_i·k_j/√d − lse_i)``; otherwise it is
+    Query ``i`` is the query of key ``i`` (a prompt attending to itself). When the prefill attention already gave
+    the column sums (eager) they are returned as they are. With the attention's log-sum-exp ``lse (B, Hq, n)`` (from
+    the prefill kernel, or ``prefill.lse``) one pass suffices: ``Σ_i exp(q_i·k_j/√d − lse_i)``; otherwise it is
     computed first. On CPU the pass is one call of the flash kernel, elsewhere it runs over query chunks; either way
     no ``n × n`` fp32 tensor is ever allocated.
     """
+    batch, num_q_heads, n, _ = queries.shape
+    if prefill is not None and prefill.column_sums is not None:
+        return prefill.column_sums.float().view(batch, keys.shape[1], num_q_heads // keys.shape[1], n)
+    if lse is None and prefill is not None:
+        lse = prefill.lse
     if lse is None:
         lse = causal_logsumexp(queries, keys)
     if keys.device.type == "cpu" and _CPU_FLASH is not None:

@@ -44,7 +44,7 @@ class StreamingLLM(BudgetedCompressor):
         return f"larger than sink_size={self.sink_size}"
 
     def select(self, queries, keys, values, *, capacity, layer_idx, num_layers, accumulated=None,
-               attention_lse=None) -> Selection:
+               prefill_attention=None) -> Selection:
         batch, heads, n, _ = keys.shape
         recent = capacity - self.sink_size
         positions = torch.cat([torch.arange(self.sink_size), torch.arange(n - recent, n)]).to(keys.device)
