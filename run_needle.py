@@ -6,7 +6,7 @@
 Every cell is one JSON file in ``{save_dir}/{model_version}/`` (cells already there are skipped, so an interrupted
 run resumes); the heatmap ``needle_heatmap.png`` is drawn there at the end. ``--plot DIR [DIR ...]`` only draws:
 each folder's heatmap, and with several folders one comparison figure. The protocol is described in
-``docs/needle.md`` and :mod:`kvfactory.benchmarks.needle_protocol`.
+``docs/needle.md`` and :mod:`kvfactory.benchmarks.needle_haystack`.
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from typing import Any
 def build_parser() -> argparse.ArgumentParser:
     from kvfactory.benchmarks.common import add_method_arguments, add_model_arguments
     from kvfactory.benchmarks.needle import HAYSTACK_KINDS
-    from kvfactory.benchmarks.needle_protocol import NEEDLE, RETRIEVAL_QUESTION
+    from kvfactory.benchmarks.needle_haystack import NEEDLE
+    from kvfactory.benchmarks.needle_prompt import RETRIEVAL_QUESTION
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_arguments(parser)
@@ -124,7 +125,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from kvfactory.benchmarks import needle
     from kvfactory.benchmarks.common import (load_model, method_label, model_label, model_stop_token_ids,
                                              patch_parameters, write_run_meta)
-    from kvfactory.benchmarks.needle_protocol import HaystackNotFound, default_haystack_dir, load_haystack_text
+    from kvfactory.benchmarks.needle_haystack import HaystackNotFound, default_haystack_dir, load_haystack_text
 
     haystack_dir = args.haystack_dir
     try:  # every argument checked before the model loads

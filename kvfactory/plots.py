@@ -4,7 +4,7 @@ Shared helpers (:func:`new_figure`, :func:`save_figure`, :func:`draw_heatmap`) a
 latency, ...); the needle-in-a-haystack figures come first:
 
 - :func:`needle_grid`: the (depth × context length) table of mean scores read from a folder of needle cells
-  (:mod:`kvfactory.benchmarks.needle_protocol`);
+  (:mod:`kvfactory.benchmarks.needle_scoring`);
 - :func:`plot_needle_heatmap`: one run, KVCache-Factory's look (red → amber → green, fixed 0–1 scale);
 - :func:`plot_needle_comparison`: several runs (methods) of one model, one panel each, one shared colour scale.
 """
@@ -163,7 +163,7 @@ def needle_grid(cells: str | Path | Iterable[dict[str, Any]], metric: str = "rec
     ValueError
         When there are no cells, or a record lacks ``metric``.
     """
-    from kvfactory.benchmarks.needle_protocol import read_cells
+    from kvfactory.benchmarks.needle_scoring import read_cells
 
     records = read_cells(cells) if isinstance(cells, (str, Path)) else list(cells)
     if not records:
@@ -221,7 +221,7 @@ def plot_needle_heatmap(results_dir: str | Path, out_png: str | Path | None = No
     Parameters
     ----------
     results_dir
-        Folder of cells written by :func:`kvfactory.benchmarks.needle_protocol.write_cell`.
+        Folder of cells written by :func:`kvfactory.benchmarks.needle_scoring.write_cell`.
     out_png
         Where to save; default ``results_dir / "needle_heatmap.png"``.
     title

@@ -14,7 +14,7 @@ import pytest
 import run_needle
 from kvfactory import plots
 from kvfactory.benchmarks import needle
-from kvfactory.benchmarks import needle_protocol as protocol
+from kvfactory.benchmarks import needle_haystack, needle_prompt, needle_scoring
 from tests.conftest import tiny_model
 from tests.test_needle_protocol import PROMPT_WORDS, SENTENCE, WordTokenizer
 
@@ -24,7 +24,7 @@ ESSAY = " ".join(f"{SENTENCE} " + ("alpha beta ! " if i % 3 == 0 else "gamma del
 
 @pytest.fixture(scope="module")
 def tokenizer() -> WordTokenizer:
-    return WordTokenizer(SENTENCE, PROMPT_WORDS, protocol.NOISE_SENTENCE, chat=True)
+    return WordTokenizer(SENTENCE, PROMPT_WORDS, needle_haystack.NOISE_SENTENCE, chat=True)
 
 
 def essays(root: Path) -> Path:
@@ -46,7 +46,7 @@ def make_run(folder: Path, lengths: list[int], depths: list[float], method: str 
 def test_grid_helpers() -> None:
     assert needle.context_lengths(500, 1500, 250) == [500, 750, 1000, 1250, 1500]
     assert len(needle.context_lengths(1000, 8001, 100)) == 71  # KVCF's eval.sh grid
-    assert needle.depth_grid(10) == protocol.DEFAULT_DEPTHS
+    assert needle.depth_grid(10) == needle_haystack.DEFAULT_DEPTHS
     assert needle.depth_grid(6) == [0, 20, 40, 60, 80, 100] and needle.depth_grid(1) == [50.0]
     with pytest.raises(ValueError, match="larger than"):
         needle.context_lengths(2000, 1000, 100)
@@ -63,7 +63,8 @@ def parse(*argv: str) -> argparse.Namespace:
 
 
 def test_cli_grid_arguments() -> None:
-    assert run_needle.resolve_grid(parse()) == (needle.context_lengths(1000, 8000, 1000), protocol.DEFAULT_DEPTHS)
+    assert run_needle.resolve_grid(parse()) == (needle.context_lengths(1000, 8000, 1000),
+                                                needle_haystack.DEFAULT_DEPTHS)
     lengths, depths = run_needle.resolve_grid(parse("-s", "500", "-e", "1500", "--step", "250", "--num_depths", "6"))
     assert lengths == [500, 750, 1000, 1250, 1500] and depths == [0, 20, 40, 60, 80, 100]
     assert run_needle.resolve_grid(parse("--context_lengths", "300,700", "--depths", "0,33.5"))[1] == [0, 33.5]
@@ -85,9 +86,9 @@ def test_jobs_have_the_exact_length_and_the_needle_at_depth(tokenizer: WordToken
     run = make_run(tmp_path / "run", [150, 400], [0, 50, 100])
     jobs = needle.needle_jobs(tokenizer, run, haystack, [0], skip={needle.cell_key(150, 0)})
     assert [job.key for job in jobs] == ["150@50", "150@100", "400@0", "400@50", "400@100"]
-    parts = protocol.prompt_parts(tokenizer)
-    needle_ids = tokenizer.encode(protocol.NEEDLE, add_special_tokens=False)
-    ends = protocol.sentence_end_token_ids(tokenizer)
+    parts = needle_prompt.prompt_parts(tokenizer)
+    needle_ids = tokenizer.encode(needle_haystack.NEEDLE, add_special_tokens=False)
+    ends = needle_haystack.sentence_end_token_ids(tokenizer)
     for job in jobs:
         length, depth = job.record["context_length"], job.record["depth_percent"]
         assert len(job.input_ids) == length
@@ -116,19 +117,19 @@ def test_end_to_end_tiny_model_and_resume(tokenizer: WordTokenizer, tmp_path: Pa
     with kvfactory.patch(model, "snapkv", max_capacity_prompt=16) as handle:
         assert needle.run_needle(model, tokenizer, handle, run, haystack, stop_token_ids=[0], batch_size=3) == 6
         assert needle.run_needle(model, tokenizer, handle, run, haystack, stop_token_ids=[0]) == 0  # resumed
-        (run.results_dir / protocol.cell_filename(200, 50)).unlink()
+        (run.results_dir / needle_scoring.cell_filename(200, 50)).unlink()
         assert needle.run_needle(model, tokenizer, handle, run, haystack, stop_token_ids=[0]) == 1
         other = make_run(run.results_dir, [120], [0], method="h2o")
         with pytest.raises(ValueError, match="one results folder per"):
             needle.run_needle(model, tokenizer, handle, other, haystack, stop_token_ids=[0])
-    cells = protocol.read_cells(run.results_dir)
+    cells = needle_scoring.read_cells(run.results_dir)
     assert [(c["context_length"], c["depth_percent"]) for c in cells] == run.cells
     for cell in cells:
         assert cell["input_tokens"] == cell["context_length"] and cell["kept_tokens"] == 16
         assert 0 <= cell["recall"] <= 1 and 0 <= cell["rouge1_f"] <= 1 and cell["seconds"] > 0
         assert cell["answer"] == cell["answer"].strip() and len(cell["answer"].split()) <= 4
         assert (cell["model"], cell["method"], cell["budget"], cell["version"]) == ("tiny", "snapkv", 16, "snap")
-        assert set(protocol.CELL_FIELDS) <= set(cell) and "pred" not in cell and "cell" not in cell
+        assert set(needle_scoring.CELL_FIELDS) <= set(cell) and "pred" not in cell and "cell" not in cell
     grid = plots.needle_grid(run.results_dir)
     assert grid.values.shape == (3, 2)
     summary = needle.grid_summary(grid)
@@ -161,7 +162,7 @@ def test_cli_end_to_end_heatmaps_and_comparison(fake_loader: None, tmp_path: Pat
     meta = json.loads((stream / "run_meta.json").read_text())
     assert meta["lengths"] == [120, 160, 200] and meta["depths"] == [0, 33, 67, 100]
     assert meta["method_params"] == {"max_capacity_prompt": 32}
-    cell = json.loads((full / protocol.cell_filename(160, 33)).read_text())
+    cell = json.loads((full / needle_scoring.cell_filename(160, 33)).read_text())
     assert cell["budget"] is None and cell["kept_tokens"] == 160 and cell["method"] == "fullkv"
     heatmap = matplotlib.image.imread(stream / "needle_heatmap.png")
     assert heatmap.shape[1] > heatmap.shape[0] > 300  # landscape: 3 length columns, 4 depth rows
@@ -206,7 +207,7 @@ def test_shell_scripts(tmp_path: Path) -> None:
 
 def test_cli_errors_name_the_fix(fake_loader: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                  capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(protocol, "default_haystack_dir", lambda: None)
+    monkeypatch.setattr(needle_haystack, "default_haystack_dir", lambda: None)
     for argv, message in [((), "--haystack noise"),
                           (("--haystack_dir", str(tmp_path / "none")), "does not exist"),
                           (("--haystack", "noise", "--haystack_dir", str(tmp_path)), "needs no files"),
@@ -219,8 +220,8 @@ def test_cli_errors_name_the_fix(fake_loader: None, tmp_path: Path, monkeypatch:
     assert run_needle.main(["--model_path", "random:tiny-llama", "--haystack", "noise", "--context_lengths", "130",
                             "--depths", "0,100", "--save_dir", str(tmp_path / "out"), "--max_new_tokens", "2",
                             "--no_plot"]) == 0
-    assert json.loads((tmp_path / "out" / "random-tiny-llama_fullkv" / protocol.cell_filename(130, 100)).read_text()
-                      )["haystack"] == "noise"
+    cell = tmp_path / "out" / "random-tiny-llama_fullkv" / needle_scoring.cell_filename(130, 100)
+    assert json.loads(cell.read_text())["haystack"] == "noise"
 
 
 # ----------------------------------------------------------------------------------------------------------- SmolLM2
@@ -233,7 +234,7 @@ def test_smollm2_finds_the_needle_in_a_short_essay_haystack(tmp_path: Path) -> N
         pytest.skip(f"the embedded SmolLM2 cannot be loaded here ({error})")
     import kvfactory
 
-    folder = protocol.default_haystack_dir() or essays(tmp_path)
+    folder = needle_haystack.default_haystack_dir() or essays(tmp_path)
     haystack = needle.haystack_ids(tokenizer, "essays", folder, min_tokens=400)
     run = needle.NeedleRun(results_dir=tmp_path / "smol", lengths=[400], depths=[50], model="smollm2-135m",
                            method="fullkv", budget=None, version="smol", max_new_tokens=40)
@@ -242,7 +243,7 @@ def test_smollm2_finds_the_needle_in_a_short_essay_haystack(tmp_path: Path) -> N
 
         needle.run_needle(model, tokenizer, handle, run, haystack,
                           stop_token_ids=model_stop_token_ids(model, tokenizer))
-    (cell,) = protocol.read_cells(run.results_dir)
+    (cell,) = needle_scoring.read_cells(run.results_dir)
     assert cell["input_tokens"] == 400 and cell["kept_tokens"] == 400
-    if protocol.default_haystack_dir() is not None:
+    if needle_haystack.default_haystack_dir() is not None:
         assert cell["recall"] >= 0.5, cell["answer"]

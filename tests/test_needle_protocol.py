@@ -1,4 +1,5 @@
-"""Needle-in-a-haystack protocol (kvfactory.benchmarks.needle_protocol) and its heatmaps (kvfactory.plots)."""
+"""Needle-in-a-haystack protocol (kvfactory.benchmarks.needle_haystack, needle_prompt, needle_scoring) and its
+heatmaps (kvfactory.plots)."""
 from __future__ import annotations
 
 import importlib.util
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from kvfactory import plots
-from kvfactory.benchmarks import needle_protocol as needle
+from kvfactory.benchmarks import needle_haystack, needle_prompt, needle_scoring
 
 
 # ----------------------------------------------------------------------------------------------------- fake tokenizer
@@ -55,8 +56,9 @@ class WordTokenizer:
 
 
 SENTENCE = "alpha beta gamma delta epsilon ."  # 6 tokens, the last one a sentence end
-PROMPT_WORDS = " ".join([needle.INSTRUCTION, needle.CONTEXT_OPEN, needle.CONTEXT_CLOSE, "Question Answer : user "
-                         "assistant system", needle.RETRIEVAL_QUESTION, needle.NEEDLE, "! ? no periods here"])
+PROMPT_WORDS = " ".join([needle_prompt.INSTRUCTION, needle_prompt.CONTEXT_OPEN, needle_prompt.CONTEXT_CLOSE,
+                         "Question Answer : user assistant system", needle_prompt.RETRIEVAL_QUESTION,
+                         needle_haystack.NEEDLE, "! ? no periods here"])
 
 
 @pytest.fixture(scope="module")
@@ -82,22 +84,22 @@ def essay_folder(root: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------------------- constants
 def test_constants() -> None:
-    assert needle.NEEDLE.startswith("\nThe best thing") and needle.NEEDLE.endswith("sunny day.\n")
-    assert needle.RETRIEVAL_QUESTION == "What is the best thing to do in San Francisco?"
-    assert needle.DEFAULT_DEPTHS == [0, 11, 22, 33, 44, 56, 67, 78, 89, 100]
+    assert needle_haystack.NEEDLE.startswith("\nThe best thing") and needle_haystack.NEEDLE.endswith("sunny day.\n")
+    assert needle_prompt.RETRIEVAL_QUESTION == "What is the best thing to do in San Francisco?"
+    assert needle_haystack.DEFAULT_DEPTHS == [0, 11, 22, 33, 44, 56, 67, 78, 89, 100]
 
 
 # -------------------------------------------------------------------------------------------------------- haystacks
 def test_haystack_sorted_crlf_normalised_and_repeated(tmp_path: Path, fake: WordTokenizer) -> None:
     folder = essay_folder(tmp_path)
-    text = needle.load_haystack_text(folder)
+    text = needle_haystack.load_haystack_text(folder)
     assert "\r" not in text
     assert text == ("First essay. Short!\nSecond essay. It has two lines.\nLine two ends here.\nThird essay? Yes.\n")
     one_pass = len(fake.encode(text, add_special_tokens=False))
-    longer = needle.load_haystack_text(folder, min_tokens=2 * one_pass + 1, tokenizer=fake)
+    longer = needle_haystack.load_haystack_text(folder, min_tokens=2 * one_pass + 1, tokenizer=fake)
     assert longer == text * 3  # whole passes, no separator
     with pytest.raises(ValueError, match="tokenizer"):
-        needle.load_haystack_text(folder, min_tokens=10)
+        needle_haystack.load_haystack_text(folder, min_tokens=10)
 
 
 @pytest.mark.parametrize("case", ["missing", "empty"])
@@ -105,19 +107,20 @@ def test_haystack_missing_folder_names_the_flags(tmp_path: Path, case: str) -> N
     folder = tmp_path / "essays"
     if case == "empty":
         folder.mkdir()
-    with pytest.raises(needle.HaystackNotFound, match=r"--haystack_dir.*--haystack noise"):
-        needle.load_haystack_text(folder)
+    with pytest.raises(needle_haystack.HaystackNotFound, match=r"--haystack_dir.*--haystack noise"):
+        needle_haystack.load_haystack_text(folder)
 
 
 def test_noise_haystack(fake: WordTokenizer) -> None:
-    assert needle.noise_haystack(repeats=2) == f"{needle.NOISE_SENTENCE} {needle.NOISE_SENTENCE}"
-    long = needle.noise_haystack(min_tokens=500, tokenizer=fake)
+    noise = needle_haystack.NOISE_SENTENCE
+    assert needle_haystack.noise_haystack(repeats=2) == f"{noise} {noise}"
+    long = needle_haystack.noise_haystack(min_tokens=500, tokenizer=fake)
     assert len(fake.encode(long, add_special_tokens=False)) >= 500
 
 
-@pytest.mark.skipif(needle.default_haystack_dir() is None, reason="no shared PaulGrahamEssays folder here")
+@pytest.mark.skipif(needle_haystack.default_haystack_dir() is None, reason="no shared PaulGrahamEssays folder here")
 def test_shared_essays_are_the_49_upstream_files() -> None:
-    text = needle.load_haystack_text()
+    text = needle_haystack.load_haystack_text()
     assert len(text) == 643_830 and "\r" not in text  # gkamradt's package total (after worked.txt CRLF → LF)
     assert text.startswith("July 2010What hard liquor,")
 
@@ -130,20 +133,20 @@ def test_shared_essays_are_the_49_upstream_files() -> None:
     ("the", False), (". The", False),
 ])
 def test_sentence_end_rule(text: str, expected: bool) -> None:
-    assert needle.is_sentence_end(text) is expected
+    assert needle_haystack.is_sentence_end(text) is expected
 
 
 def test_sentence_end_ids_found_from_the_tokenizer(fake: WordTokenizer) -> None:
-    assert needle.sentence_end_token_ids(fake) == {fake.vocab["."], fake.vocab["!"], fake.vocab["?"]}
+    assert needle_haystack.sentence_end_token_ids(fake) == {fake.vocab["."], fake.vocab["!"], fake.vocab["?"]}
 
 
 # ---------------------------------------------------------------------------------------------------------- context
 @pytest.mark.parametrize("depth", [0, 11, 22, 29, 50, 56, 89, 99, 100])
 def test_insertion_at_depth_after_a_sentence_end(fake: WordTokenizer, depth: float) -> None:
     haystack = fake.encode(" ".join([SENTENCE] * 100), add_special_tokens=False)  # 600 tokens, "." every 6th
-    needle_ids = fake.encode(needle.NEEDLE, add_special_tokens=False)
+    needle_ids = fake.encode(needle_haystack.NEEDLE, add_special_tokens=False)
     overhead = 7
-    context = needle.build_context(fake, haystack, needle.NEEDLE, depth, 400, overhead)
+    context = needle_haystack.build_context(fake, haystack, needle_haystack.NEEDLE, depth, 400, overhead)
     keep = 400 - overhead - len(needle_ids)
     assert len(context.ids) == keep + len(needle_ids) == 400 - overhead
     target = int(keep * (depth / 100))  # upstream's expression: 29% of 100 gives 28, not 29
@@ -161,19 +164,19 @@ def test_upstream_float_expression() -> None:
 
 def test_no_sentence_end_inserts_at_zero(fake: WordTokenizer) -> None:
     haystack = fake.encode(" ".join(["no periods here"] * 200), add_special_tokens=False)
-    context = needle.build_context(fake, haystack, needle.NEEDLE, 50, 300)
+    context = needle_haystack.build_context(fake, haystack, needle_haystack.NEEDLE, 50, 300)
     assert context.insertion_index == 0
-    assert context.text.startswith(fake.decode(fake.encode(needle.NEEDLE, False)))
+    assert context.text.startswith(fake.decode(fake.encode(needle_haystack.NEEDLE, False)))
 
 
 def test_context_errors(fake: WordTokenizer) -> None:
     haystack = fake.encode(SENTENCE * 10, add_special_tokens=False)
     with pytest.raises(ValueError, match=r"\[0, 100\]"):
-        needle.build_context(fake, haystack, needle.NEEDLE, 101, 50)
+        needle_haystack.build_context(fake, haystack, needle_haystack.NEEDLE, 101, 50)
     with pytest.raises(ValueError, match="smaller than the needle"):
-        needle.build_context(fake, haystack, needle.NEEDLE, 50, 10)
+        needle_haystack.build_context(fake, haystack, needle_haystack.NEEDLE, 50, 10)
     with pytest.raises(ValueError, match="min_tokens"):
-        needle.build_context(fake, haystack, needle.NEEDLE, 50, 500)
+        needle_haystack.build_context(fake, haystack, needle_haystack.NEEDLE, 50, 500)
 
 
 @pytest.mark.parametrize("chat", [False, True])
@@ -181,14 +184,14 @@ def test_context_errors(fake: WordTokenizer) -> None:
 def test_prompt_length_equals_target_on_fake_tokenizer(fake: WordTokenizer, fake_chat: WordTokenizer, chat: bool,
                                                        length: int) -> None:
     tokenizer = fake_chat if chat else fake
-    parts = needle.prompt_parts(tokenizer)
+    parts = needle_prompt.prompt_parts(tokenizer)
     assert parts.chat_template is chat
     assert parts.prefix_ids[0] == 0  # BOS: written by the template, or the plain prompt's default special token
-    overhead = needle.prompt_overhead(tokenizer)
+    overhead = needle_prompt.prompt_overhead(tokenizer)
     haystack = " ".join([SENTENCE] * 300)
-    for depth in needle.DEFAULT_DEPTHS:
-        context = needle.build_context(tokenizer, haystack, needle.NEEDLE, depth, length, overhead)
-        prompt = needle.build_prompt_ids(tokenizer, context.ids, needle.RETRIEVAL_QUESTION)
+    for depth in needle_haystack.DEFAULT_DEPTHS:
+        context = needle_haystack.build_context(tokenizer, haystack, needle_haystack.NEEDLE, depth, length, overhead)
+        prompt = needle_prompt.build_prompt_ids(tokenizer, context.ids, needle_prompt.RETRIEVAL_QUESTION)
         assert len(prompt) == length
         text = tokenizer.decode(prompt)
         assert "< document >" in text and "What is the best thing" in text.replace(" ?", "?")
@@ -208,25 +211,25 @@ def smollm2() -> Any:
 
 
 def test_prompt_length_equals_target_on_smollm2(smollm2: Any, tmp_path: Path) -> None:
-    essays = needle.default_haystack_dir() or essay_folder(tmp_path)
+    essays = needle_haystack.default_haystack_dir() or essay_folder(tmp_path)
     lengths = (256, 1000, 2500)
-    overhead = needle.prompt_overhead(smollm2)
-    haystack = smollm2.encode(needle.load_haystack_text(essays, min_tokens=max(lengths), tokenizer=smollm2),
+    overhead = needle_prompt.prompt_overhead(smollm2)
+    haystack = smollm2.encode(needle_haystack.load_haystack_text(essays, min_tokens=max(lengths), tokenizer=smollm2),
                               add_special_tokens=False)
-    ends = needle.sentence_end_token_ids(smollm2)
+    ends = needle_haystack.sentence_end_token_ids(smollm2)
     assert smollm2.encode(".", add_special_tokens=False)[-1] in ends
-    needle_ids = smollm2.encode(needle.NEEDLE, add_special_tokens=False)
+    needle_ids = smollm2.encode(needle_haystack.NEEDLE, add_special_tokens=False)
     for length in lengths:
         for depth in (0, 33, 56, 100):
-            context = needle.build_context(smollm2, haystack, needle.NEEDLE, depth, length, overhead)
-            prompt = needle.build_prompt_ids(smollm2, context.ids, needle.RETRIEVAL_QUESTION)
+            context = needle_haystack.build_context(smollm2, haystack, needle_haystack.NEEDLE, depth, length, overhead)
+            prompt = needle_prompt.build_prompt_ids(smollm2, context.ids, needle_prompt.RETRIEVAL_QUESTION)
             assert len(prompt) == length
             i = context.insertion_index
             assert context.ids[i:i + len(needle_ids)] == needle_ids
             if 0 < i < len(context.ids) - len(needle_ids):
                 assert context.ids[i - 1] in ends
     text = smollm2.decode(prompt, skip_special_tokens=False)
-    assert "Dolores Park" in text and needle.RETRIEVAL_QUESTION in text
+    assert "Dolores Park" in text and needle_prompt.RETRIEVAL_QUESTION in text
 
 
 # ---------------------------------------------------------------------------------------------------------- scoring
@@ -234,11 +237,13 @@ ANSWER_PART = "eat a sandwich and sit in Dolores Park on a sunny day."
 
 
 def test_rouge1_reference_values() -> None:
-    assert needle.rouge1_f(needle.NEEDLE, needle.NEEDLE) == pytest.approx(1.0)
-    assert needle.rouge1_f(needle.NEEDLE.strip(), needle.NEEDLE) == pytest.approx(1.0)
-    assert needle.rouge1_f(ANSWER_PART, needle.NEEDLE) == pytest.approx(24 / 33)  # KVCF score 7.2727...
-    assert needle.rouge1_f("", needle.NEEDLE) == 0.0 and needle.rouge1_f("...", needle.NEEDLE) == 0.0
-    assert needle.rouge_tokens("Sitting in the Park, sunny days!") == ["sit", "in", "the", "park", "sunni", "day"]
+    needle = needle_haystack.NEEDLE
+    assert needle_scoring.rouge1_f(needle, needle) == pytest.approx(1.0)
+    assert needle_scoring.rouge1_f(needle.strip(), needle) == pytest.approx(1.0)
+    assert needle_scoring.rouge1_f(ANSWER_PART, needle) == pytest.approx(24 / 33)  # KVCF score 7.2727...
+    assert needle_scoring.rouge1_f("", needle) == 0.0 and needle_scoring.rouge1_f("...", needle) == 0.0
+    assert needle_scoring.rouge_tokens("Sitting in the Park, sunny days!") == [
+        "sit", "in", "the", "park", "sunni", "day"]
 
 
 def test_rouge1_matches_rouge_score_when_installed() -> None:
@@ -248,52 +253,53 @@ def test_rouge1_matches_rouge_score_when_installed() -> None:
 
     scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)
     for answer in (ANSWER_PART, "The best thing is to sit in Dolores park.", "Eating sandwiches!", ""):
-        assert needle.rouge1_f(answer, needle.NEEDLE) == pytest.approx(
-            scorer.score(needle.NEEDLE, answer)["rouge1"].fmeasure)
+        assert needle_scoring.rouge1_f(answer, needle_haystack.NEEDLE) == pytest.approx(
+            scorer.score(needle_haystack.NEEDLE, answer)["rouge1"].fmeasure)
 
 
 def test_needle_recall() -> None:
-    q = needle.RETRIEVAL_QUESTION
-    assert needle.key_words(needle.NEEDLE, exclude=q) == {"eat", "sandwich", "sit", "dolor", "park", "sunni", "day"}
-    assert len(needle.key_words(needle.NEEDLE)) == 11
-    assert needle.needle_recall(ANSWER_PART, question=q) == 1.0
-    assert needle.needle_recall("Eat a sandwich and sit in Dolores Park on a sunny day", question=q) == 1.0
-    assert needle.needle_recall("sitting in Dolores Park", question=q) == pytest.approx(3 / 7)
-    assert needle.needle_recall("The best thing to do in San Francisco is", question=q) == 0.0
-    assert needle.needle_recall("The best thing to do in San Francisco is") == pytest.approx(4 / 11)
-    assert needle.needle_recall("", needle.NEEDLE) == 0.0
-    assert {"a", "the", "in", "and", "is", "to", "do", "on"} <= needle.STOP_WORDS
-    assert needle.score_answer(ANSWER_PART) == {"recall": 1.0, "rouge1_f": pytest.approx(24 / 33)}
+    q = needle_prompt.RETRIEVAL_QUESTION
+    assert needle_scoring.key_words(needle_haystack.NEEDLE, exclude=q) == {
+        "eat", "sandwich", "sit", "dolor", "park", "sunni", "day"}
+    assert len(needle_scoring.key_words(needle_haystack.NEEDLE)) == 11
+    assert needle_scoring.needle_recall(ANSWER_PART, question=q) == 1.0
+    assert needle_scoring.needle_recall("Eat a sandwich and sit in Dolores Park on a sunny day", question=q) == 1.0
+    assert needle_scoring.needle_recall("sitting in Dolores Park", question=q) == pytest.approx(3 / 7)
+    assert needle_scoring.needle_recall("The best thing to do in San Francisco is", question=q) == 0.0
+    assert needle_scoring.needle_recall("The best thing to do in San Francisco is") == pytest.approx(4 / 11)
+    assert needle_scoring.needle_recall("", needle_haystack.NEEDLE) == 0.0
+    assert {"a", "the", "in", "and", "is", "to", "do", "on"} <= needle_scoring.STOP_WORDS
+    assert needle_scoring.score_answer(ANSWER_PART) == {"recall": 1.0, "rouge1_f": pytest.approx(24 / 33)}
 
 
 # ---------------------------------------------------------------------------------------------------------- results
 def write(folder: Path, length: int, depth: float, recall: float, **kw: Any) -> Path:
-    fields = dict(model="smollm2-135m", method="snapkv", budget=128, needle=needle.NEEDLE, answer="x",
+    fields = dict(model="smollm2-135m", method="snapkv", budget=128, needle=needle_haystack.NEEDLE, answer="x",
                   rouge1_f=recall, kept_tokens=128.0, seconds=0.5)
     fields.update(kw)
-    return needle.write_cell(folder, context_length=length, depth_percent=depth, recall=recall, **fields)
+    return needle_scoring.write_cell(folder, context_length=length, depth_percent=depth, recall=recall, **fields)
 
 
 def test_write_read_resume(tmp_path: Path) -> None:
     folder = tmp_path / "run"
-    assert needle.completed_cells(folder) == set()
-    assert needle.cell_filename(1000, 50) == "len_1000_depth_5000_results.json"
-    assert needle.cell_filename(1000, np.float64(11.0)) == "len_1000_depth_1100_results.json"
+    assert needle_scoring.completed_cells(folder) == set()
+    assert needle_scoring.cell_filename(1000, 50) == "len_1000_depth_5000_results.json"
+    assert needle_scoring.cell_filename(1000, np.float64(11.0)) == "len_1000_depth_1100_results.json"
     path = write(folder, 1000, np.float64(11.0), 0.5, extra={"insertion_index": 97, "question": "q"})
     write(folder, 2000, 0.0, 1.0)
     write(folder, 1000, 0.0, 0.25)
     assert path.name == "len_1000_depth_1100_results.json" and not list(folder.glob("*.tmp"))
     record = json.loads(path.read_text())
     assert record["insertion_index"] == 97 and record["depth_percent"] == 11.0 and "timestamp_utc" in record
-    assert set(needle.CELL_FIELDS) <= set(record)
+    assert set(needle_scoring.CELL_FIELDS) <= set(record)
     (folder / "len_3000_depth_0_results.json").write_text('{"context_len')  # a crash mid-write elsewhere
-    cells = needle.read_cells(folder)
+    cells = needle_scoring.read_cells(folder)
     assert [(c["context_length"], c["depth_percent"]) for c in cells] == [(1000, 0.0), (1000, 11.0), (2000, 0.0)]
-    done = needle.completed_cells(folder, model="smollm2-135m", method="snapkv", budget=128)
+    done = needle_scoring.completed_cells(folder, model="smollm2-135m", method="snapkv", budget=128)
     assert done == {(1000, 0.0), (1000, 11.0), (2000, 0.0)}
     assert (1000, float(np.round(np.linspace(0, 100, 10))[1])) in done
     with pytest.raises(ValueError, match="one results folder per"):
-        needle.completed_cells(folder, method="h2o")
+        needle_scoring.completed_cells(folder, method="h2o")
     with pytest.raises(ValueError, match="override"):
         write(folder, 1000, 0.0, 0.1, extra={"recall": 3})
 
@@ -302,7 +308,7 @@ def test_write_read_resume(tmp_path: Path) -> None:
 def synthetic_run(folder: Path, method: str, budget: int | None, lengths: list[int],
                   skip: set[tuple[int, float]] = frozenset()) -> Path:
     for j, length in enumerate(lengths):
-        for i, depth in enumerate(needle.DEFAULT_DEPTHS):
+        for i, depth in enumerate(needle_haystack.DEFAULT_DEPTHS):
             if (length, depth) not in skip:
                 write(folder, length, depth, (i + j) % 5 / 4, method=method, budget=budget)
     return folder
@@ -316,7 +322,7 @@ def test_needle_grid_shape_missing_and_duplicates(tmp_path: Path) -> None:
     assert np.isnan(grid.values[5, 2]) and grid.missing == 1
     assert grid.values[1, 2] == pytest.approx((1 + 2) % 5 / 4)
     assert (grid.model, grid.method, grid.budget) == ("smollm2-135m", "snapkv", "128")
-    records = needle.read_cells(folder) + [dict(needle.read_cells(folder)[0], recall=0.0)]
+    records = needle_scoring.read_cells(folder) + [dict(needle_scoring.read_cells(folder)[0], recall=0.0)]
     assert plots.needle_grid(records).values[0, 0] == pytest.approx(0.0 / 2)  # duplicates are averaged
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no needle cells"):

@@ -1,7 +1,8 @@
 """Needle-in-a-haystack runner: drives a (patched) model over the (context length × depth) grid.
 
-The protocol itself (haystack, exact-length prompts, sentence-boundary insertion, scoring, one JSON per cell) lives
-in :mod:`kvfactory.benchmarks.needle_protocol`; the figures in :mod:`kvfactory.plots`. This module adds the grid,
+The protocol itself lives in :mod:`kvfactory.benchmarks.needle_haystack` (haystack, sentence-boundary insertion),
+:mod:`kvfactory.benchmarks.needle_prompt` (exact-length prompts) and :mod:`kvfactory.benchmarks.needle_scoring`
+(scoring, one JSON per cell); the figures in :mod:`kvfactory.plots`. This module adds the grid,
 the jobs (one greedy answer per cell, through :func:`kvfactory.benchmarks.common.run_jobs`, so batching, tqdm,
 kept tokens and seconds are the same as in every other runner), resuming and a text summary. ``run_needle.py`` is
 its command line.
@@ -17,8 +18,11 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from kvfactory.benchmarks import needle_protocol as protocol
 from kvfactory.benchmarks.common import Job, run_jobs
+from kvfactory.benchmarks.needle_haystack import (NEEDLE, build_context, load_haystack_text, noise_haystack,
+                                                  sentence_end_token_ids)
+from kvfactory.benchmarks.needle_prompt import RETRIEVAL_QUESTION, prompt_parts
+from kvfactory.benchmarks.needle_scoring import completed_cells, score_answer, write_cell
 
 __all__ = [
     "HAYSTACK_KINDS", "context_lengths", "depth_grid", "haystack_ids", "NeedleRun", "CellStore", "cell_key",
@@ -65,12 +69,12 @@ def haystack_ids(tokenizer: Any, kind: str = "essays", haystack_dir: str | Path 
     kind
         One of :data:`HAYSTACK_KINDS`.
     haystack_dir
-        Essay folder for ``essays``; ``None`` uses :func:`~kvfactory.benchmarks.needle_protocol.default_haystack_dir`.
+        Essay folder for ``essays``; ``None`` uses :func:`~kvfactory.benchmarks.needle_haystack.default_haystack_dir`.
         Must be None for ``noise``.
 
     Raises
     ------
-    kvfactory.benchmarks.needle_protocol.HaystackNotFound
+    kvfactory.benchmarks.needle_haystack.HaystackNotFound
         When no essay folder is found (the message names the flags that fix it).
     """
     if kind not in HAYSTACK_KINDS:
@@ -79,9 +83,9 @@ def haystack_ids(tokenizer: Any, kind: str = "essays", haystack_dir: str | Path 
         raise ValueError("--haystack_dir is for --haystack essays; --haystack noise needs no files")
     with _quiet_length_warning():
         if kind == "noise":
-            text = protocol.noise_haystack(min_tokens=min_tokens, tokenizer=tokenizer)
+            text = noise_haystack(min_tokens=min_tokens, tokenizer=tokenizer)
         else:
-            text = protocol.load_haystack_text(haystack_dir, min_tokens=min_tokens, tokenizer=tokenizer)
+            text = load_haystack_text(haystack_dir, min_tokens=min_tokens, tokenizer=tokenizer)
         return list(tokenizer.encode(text, add_special_tokens=False))
 
 
@@ -122,8 +126,8 @@ class NeedleRun:
     method: str
     budget: int | str | None
     version: str
-    needle: str = protocol.NEEDLE
-    question: str = protocol.RETRIEVAL_QUESTION
+    needle: str = NEEDLE
+    question: str = RETRIEVAL_QUESTION
     max_new_tokens: int = 50
     use_chat_template: bool = True
     haystack: str = "essays"
@@ -153,14 +157,14 @@ class CellStore:
 
     It has the part of :class:`~kvfactory.benchmarks.common.ResultsFile`'s interface ``run_jobs`` uses (``path``,
     ``done``, ``append``): ``append`` scores the answer (recall and ROUGE-1 F) and writes the cell with
-    :func:`~kvfactory.benchmarks.needle_protocol.write_cell`. Cells already in the folder count as done, after their
+    :func:`~kvfactory.benchmarks.needle_scoring.write_cell`. Cells already in the folder count as done, after their
     model/method/budget are checked against the run's.
     """
 
     def __init__(self, run: NeedleRun) -> None:
         self.run = run
         self.path = run.results_dir
-        done = protocol.completed_cells(run.results_dir, model=run.model, method=run.method, budget=run.budget)
+        done = completed_cells(run.results_dir, model=run.model, method=run.method, budget=run.budget)
         self._done = {cell_key(length, depth) for length, depth in done}
 
     @property
@@ -177,8 +181,8 @@ class CellStore:
         answer = str(record.pop("pred")).strip()
         length, depth = record.pop("context_length"), record.pop("depth_percent")
         kept, seconds = record.pop("kept_tokens"), record.pop("seconds")
-        scores = protocol.score_answer(answer, self.run.needle, self.run.question)
-        protocol.write_cell(
+        scores = score_answer(answer, self.run.needle, self.run.question)
+        write_cell(
             self.run.results_dir, model=self.run.model, method=self.run.method, budget=self.run.budget,
             context_length=length, depth_percent=depth, needle=self.run.needle, answer=answer, kept_tokens=kept,
             seconds=seconds, extra=record, **scores)
@@ -195,15 +199,14 @@ def needle_jobs(tokenizer: Any, run: NeedleRun, haystack: Sequence[int], stop_to
     ValueError
         When a length is too small for the prompt and needle, or the haystack is too short.
     """
-    parts = protocol.prompt_parts(tokenizer, run.question, use_chat_template=run.use_chat_template)
-    ends = protocol.sentence_end_token_ids(tokenizer)
+    parts = prompt_parts(tokenizer, run.question, use_chat_template=run.use_chat_template)
+    ends = sentence_end_token_ids(tokenizer)
     jobs = []
     for length, depth in run.cells:
         key = cell_key(length, depth)
         if key in skip:
             continue
-        context = protocol.build_context(tokenizer, haystack, run.needle, depth, length, parts.overhead,
-                                         sentence_ends=ends)
+        context = build_context(tokenizer, haystack, run.needle, depth, length, parts.overhead, sentence_ends=ends)
         prompt = parts.assemble(context.ids)
         if len(prompt) != length:  # build_context's contract; a broken tokenizer wrapper would show here
             raise RuntimeError(f"the prompt for length {length} has {len(prompt)} tokens")
