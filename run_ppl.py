@@ -114,27 +114,34 @@ def streaming(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"suffix": suffix, "streaming": streaming}
+def grid_command(argv: list[str]) -> int:
+    from kvfactory.benchmarks import grid
+
+    grid.run_grid(grid.parse_args(argv), on_dataset=lambda result: print(result.report()))
+    return 0
+
+
+def plot_command(argv: list[str]) -> int:
+    from kvfactory.benchmarks import efficiency_plots
+
+    args = efficiency_plots.parse_args(argv)
+    for path in efficiency_plots.plot_results_dir(args.results_dir, args.time_metric):
+        print(path)
+    return 0
+
+
+COMMANDS = {"suffix": suffix, "streaming": streaming, "grid": grid_command, "plot": plot_command}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in (*COMMANDS, "grid", "plot"):
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     logging.getLogger("kvfactory.patching").setLevel(logging.WARNING)
-    command, rest = argv[0], argv[1:]
-    if command == "grid":
-        from kvfactory.benchmarks.grid import main as grid_main
-
-        return grid_main(rest)
-    if command == "plot":
-        from kvfactory.benchmarks.efficiency_plots import main as plot_main
-
-        return plot_main(rest)
-    return COMMANDS[command](rest)
+    return COMMANDS[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":

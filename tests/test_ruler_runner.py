@@ -147,15 +147,21 @@ def test_format_table_and_metrics_cli(tmp_path: Path, capsys: pytest.CaptureFixt
             path = tmp_path / "2048" / task / f"{method}.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"index": 0, "pred": pred, "outputs": ["1234"]}) + "\n")
-    assert metrics.main(["--results_dir", str(tmp_path)]) == 0
+    assert run_ruler.main(["--eval", "--results_dir", str(tmp_path)]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0] == "| method | 2048/niah_single_1 | 2048/vt | 2048/average | average |"
     assert table[2] == "| fullkv | 100.00 | 100.00 | 100.00 | 100.00 |"
     assert table[3] == "| snapkv | 0.00 | 0.00 | 0.00 | 0.00 |"
     scores = metrics.score_results(tmp_path)
     assert metrics.format_table(scores, seconds={"fullkv": 12.4}).splitlines()[2].endswith("| 12 |")
-    with pytest.raises(SystemExit):
-        metrics.main(["--results_dir", str(tmp_path / "missing")])
+    capsys.readouterr()
+    for argv, message in ((["--eval", "--results_dir", str(tmp_path / "missing")], "missing"),
+                          (["--eval", "--results_dir", str(tmp_path / "2048")], "no {length}/{task}/{method}.jsonl"),
+                          (["--eval"], "--eval needs --results_dir"),
+                          (["--results_dir", str(tmp_path)], "--results_dir is only for --eval")):
+        with pytest.raises(SystemExit):
+            run_ruler.main(argv)
+        assert message in capsys.readouterr().err
 
 
 def test_scripts(tmp_path: Path) -> None:

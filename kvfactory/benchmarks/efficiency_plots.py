@@ -176,14 +176,11 @@ def plot_results_dir(results_dir: Path, time_metric: str = "tpot_seconds") -> li
     return paths
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags of ``run_ppl.py plot`` (which passes them to :func:`plot_results_dir` and prints the paths)."""
     parser = argparse.ArgumentParser(prog="run_ppl.py plot", description=__doc__.split("\n")[0])
     parser.add_argument("--results_dir", type=Path, default=Path("results_ppl"))
     parser.add_argument("--time_metric", default="tpot_seconds",
                         help="time column against the budget: tpot_seconds, ttft_seconds, prefill_seconds, "
                              "total_seconds, throughput_tokens_per_second, tpot_speedup, ...")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    for path in plot_results_dir(args.results_dir, args.time_metric):
-        print(path)
-    return 0
+    return parser.parse_args(argv)

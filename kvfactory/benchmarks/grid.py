@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -164,9 +165,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+@dataclass
+class DatasetGrid:
+    """One dataset of the grid: its rows (FullKV first), the CSV they were written to and the plots drawn."""
+
+    dataset: str
+    windows: int
+    max_length: int
+    prefix_ratio: float
+    csv_path: Path
+    rows: list[dict[str, Any]]
+    plots: list[Path] = field(default_factory=list)
+
+    def report(self) -> str:
+        """The dataset's summary for the command line: a header line, :func:`format_table` and the plots drawn."""
+        header = (f"\n{self.dataset}: {self.windows} windows of {self.max_length} tokens, "
+                  f"prefix {self.prefix_ratio:g} -> {self.csv_path}")
+        return "\n".join([header, format_table(self.rows), *(f"plot: {path}" for path in self.plots)])
+
+
+def run_grid(args: argparse.Namespace, on_dataset: Callable[[DatasetGrid], None] | None = None) -> list[DatasetGrid]:
+    """Run the grid :func:`parse_args` describes: load the model, then every dataset in turn, each written under
+    ``{output_dir}/grid`` (and plotted unless ``--no_plots``) as it finishes; ``on_dataset`` is called with each
+    finished dataset (``run_ppl.py grid`` prints its :meth:`DatasetGrid.report`)."""
     extra = json.loads(args.method_kwargs) if args.method_kwargs else {}
     specs = grid_specs(parse_list(args.methods), parse_list(args.budgets, float), args.budget_unit, extra)
     datasets = parse_list(args.datasets)
@@ -177,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = args.output_dir / "grid"
     write_run_meta(folder, args, {"specs": [(s.label, s.method, s.params) for s, _ in specs]})
     speed = None if args.no_speed else {"new_tokens": args.new_tokens, "repeats": args.repeats, "warmup": args.warmup}
+    finished = []
     for dataset in datasets:
         stream = ppl.token_stream(tokenizer, ppl.load_documents(dataset, args.data_dir))
         windows = ppl.split_windows(stream, args.max_length, args.max_windows)
@@ -192,15 +214,16 @@ def main(argv: list[str] | None = None) -> int:
         rows = run_dataset(model, windows, specs, unit=args.budget_unit, prefix_ratio=args.prefix_ratio,
                            suffix_chunk=args.suffix_chunk, partial=partial, key_prefix=key_prefix, speed=speed,
                            save=save)
-        csv_path = stem.with_suffix(".csv")
-        print(f"\n{dataset}: {len(windows)} windows of {args.max_length} tokens, prefix {args.prefix_ratio:g} -> {csv_path}")
-        print(format_table(rows))
+        result = DatasetGrid(dataset=dataset, windows=len(windows), max_length=args.max_length,
+                             prefix_ratio=args.prefix_ratio, csv_path=stem.with_suffix(".csv"), rows=rows)
         if not args.no_plots:
             from kvfactory.benchmarks.efficiency_plots import plot_budget_curves
 
-            for path in plot_budget_curves(rows, folder, time_metric=args.time_metric if speed else None):
-                print(f"plot: {path}")
-    return 0
+            result.plots = plot_budget_curves(rows, folder, time_metric=args.time_metric if speed else None)
+        finished.append(result)
+        if on_dataset is not None:
+            on_dataset(result)
+    return finished
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:

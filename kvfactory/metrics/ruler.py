@@ -5,11 +5,11 @@ and fwe use :func:`string_match_all` (the fraction of references found), qa_1/qa
 reference found). Scores are ``round(100 * mean, 2)``.
 
 Results layout read by :func:`score_results`: ``{results_dir}/{length}/{task}/{method}.jsonl``, one JSON object per
-line with at least ``index``, ``pred`` and ``outputs``.
+line with at least ``index``, ``pred`` and ``outputs``. Its command line (which prints :func:`format_table`):
+``python run_ruler.py --eval --results_dir DIR``, or ``bash scripts/ruler/metrics.sh DIR``.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import logging
 import re
@@ -20,7 +20,7 @@ from kvfactory.metrics.files import jsonl_lines, merge_metrics_json
 
 __all__ = [
     "postprocess_pred", "string_match_all", "string_match_part", "TASK_METRICS", "metric_for", "score_task",
-    "read_predictions", "score_results", "format_table", "main",
+    "read_predictions", "score_results", "format_table",
 ]
 
 logger = logging.getLogger(__name__)
@@ -196,23 +196,3 @@ def _column_order(column: str) -> tuple[int, int, str]:
     if not task or not length.isdigit():
         return (1 << 62, 0, column)
     return (int(length), len(TASK_METRICS) + 1, task) if task == "average" else (int(length), *_task_order(task))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m kvfactory.metrics.ruler --results_dir DIR``: score DIR, write the files, print the table."""
-    parser = argparse.ArgumentParser(description="Score RULER results ({results_dir}/{length}/{task}/{method}.jsonl)")
-    parser.add_argument("--results_dir", required=True, help="a {save_dir}/{model}_{C} folder of run_ruler.py")
-    args = parser.parse_args(argv)
-    try:
-        scores = score_results(args.results_dir)
-    except FileNotFoundError as error:
-        parser.error(str(error))
-    if not scores:
-        parser.error(f"no {{length}}/{{task}}/{{method}}.jsonl results under {args.results_dir}")
-    print(format_table(scores))
-    print(f"written: {Path(args.results_dir) / 'results.csv'} and per-task metrics.json")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

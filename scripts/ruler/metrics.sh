@@ -8,4 +8,4 @@ if [ $# -ne 1 ]; then
   sed -n '2,4p' "$0" >&2
   exit 2
 fi
-exec python -m kvfactory.metrics.ruler --results_dir "$1"
+exec python run_ruler.py --eval --results_dir "$1"
