@@ -47,6 +47,63 @@ def test_ragged_attention_equals_masked_dense_attention(new_tokens: int, sliding
     assert (ragged - expected).abs().max().item() < 1e-5
 
 
+def padded_reference(store: RaggedStore, queries: torch.Tensor, query_positions: torch.Tensor,
+                     sliding_window: int | None = None) -> torch.Tensor:
+    """Masked dense attention of the last ``n`` slots' queries over the store's padded view (no cached layout)."""
+    keys, values, positions, valid = store.padded()
+    batch, heads, total, dim = keys.shape
+    n = queries.shape[2]
+    logits = (queries.view(batch, heads, -1, n, dim) @ keys[:, :, None].transpose(-1, -2)) / math.sqrt(dim)
+    allowed = valid[:, :, None, None, :] & (torch.arange(total) <= torch.arange(total - n, total)[:, None])
+    if sliding_window is not None:
+        allowed &= (query_positions[:, None, None, :, None] - positions[:, :, None, None, :]) < sliding_window
+    weights = logits.masked_fill(~allowed, float("-inf")).softmax(-1)
+    return (weights @ values[:, :, None]).view_as(queries)
+
+
+@pytest.mark.parametrize("sliding_window", [None, 30])
+def test_ragged_layout_follows_reorder(sliding_window: int | None) -> None:
+    """A batch whose samples keep different totals, attended, reordered (the tail is folded into a new prefix),
+    then decoded further: attention always equals the padded view's, so the cached layout never goes stale."""
+    generator = torch.Generator().manual_seed(3)
+    batch, n = 3, 40
+    keys, values = (torch.randn(batch, HKV, n, 16, generator=generator) for _ in range(2))
+    keep = torch.rand(batch, HKV, n, generator=generator) < torch.tensor([0.2, 0.5, 0.8])[:, None, None]
+    store = RaggedStore.from_mask(keys, values, torch.arange(n).expand(batch, HKV, -1), keep)
+    spec = AttentionSpec("eager", sliding_window)
+    for step, order in enumerate([None, torch.tensor([2, 0, 0]), None]):
+        if order is not None:
+            store.reorder(order)
+            assert store.tail.length == 0 and store.layout.blocked.shape[-1] == int(store.lengths.sum(-1).max())
+        position = torch.full((batch, 1), n + step)
+        store.append(torch.randn(batch, HKV, 1, 16, generator=generator),
+                     torch.randn(batch, HKV, 1, 16, generator=generator), position)
+        queries = torch.randn(batch, HQ, 1, 16, generator=generator)
+        ragged, _ = store.attend(queries, spec, query_positions=position)
+        assert (ragged - padded_reference(store, queries, position, sliding_window)).abs().max().item() < 1e-5
+
+
+def test_ragged_layout_follows_decode_time_compression() -> None:
+    """AdaKV with a decode budget re-compresses while generating: every store it leaves has a layout derived from
+    its own lengths, and attends like its padded view."""
+    model = tiny_model("llama")
+    with kvfactory.patch(model, "adakv", max_capacity_prompt=20, decode_budget=24) as handle:
+        greedy(model, random_prompt(40, batch=2), 12)
+    cache = handle.last_cache
+    assert all(count > 0 for count in cache.compressions)
+    generator = torch.Generator().manual_seed(5)
+    for store in cache.stores:
+        fresh = RaggedStore.from_mask(*store.padded())
+        assert torch.equal(store.layout.blocked, fresh.layout.blocked)
+        assert torch.equal(store.layout.index, fresh.layout.index)
+        position = torch.full((2, 1), cache.get_seq_length())
+        store.append(torch.randn(2, HKV, 1, 16, generator=generator), torch.randn(2, HKV, 1, 16, generator=generator),
+                     position)
+        queries = torch.randn(2, HQ, 1, 16, generator=generator)
+        ragged, _ = store.attend(queries, AttentionSpec("sdpa"), query_positions=position)
+        assert (ragged - padded_reference(store, queries, position)).abs().max().item() < 1e-5
+
+
 def adakv_reference(q, k, capacity, window=8, kernel=7, floor_ratio=0.2, normalize=True):
     """AdaKV written from KVCache-Factory's description with explicit loops."""
     scores = group(naive_causal_attention(q, k)[..., -window:, : N - window].mean(-2))
@@ -125,8 +182,9 @@ def test_ragged_cache_bytes_are_the_ragged_total() -> None:
     for store in cache.stores:
         tokens = int(store.lengths.sum())
         assert tokens == store.flat_keys.shape[0] and abs(tokens - 2 * 20) <= 2
-        # K and V (16 fp32 dims) and an int32 position per token, as dense storage; int64 lengths per head
-        total += tokens * (2 * 16 * 4 + 4) + 2 * 8 + store.tail.nbytes()
+        # K and V (16 fp32 dims) and an int32 position per token, as dense storage; int64 lengths per head; the
+        # cached layout: one bool per (head, token) of the sample
+        total += tokens * (2 * 16 * 4 + 4) + 2 * 8 + 2 * tokens + store.tail.nbytes()
     assert kvfactory.cache_nbytes(cache) == total
 
 

@@ -3,22 +3,70 @@
 Layout of one layer:
 
 - a compact **prefix** (what the head-wise method kept): flat ``keys/values (N, d)`` and ``positions (N,)``, sorted by
-  segment ``s = b·Hkv + h`` then position; ``lengths (B, Hkv)`` delimit the segments;
+  segment ``s = b·Hkv + h`` then position; ``lengths (B, Hkv)`` delimit the segments. Sample ``b``'s segments, one
+  after the other, form its *row*;
 - a dense **tail** (:class:`~kvfactory.storage.dense.DenseStore`) for tokens appended afterwards: every head gains
   the same tokens, so the tail is compact as well and decoding appends in O(1) amortized.
 
-Attention is exact: a segment softmax over the prefix (scatter-max, exp, scatter-add, all vectorized, cost linear
-in the kept tokens) merged with dense attention over the tail through their log-sum-exps; it equals dense attention
-with the evicted positions masked. ``nbytes`` counts every tensor, the per-head lengths included.
+Attention is exact and costs about ten tensor ops per layer, whatever the number of heads: head ``h``'s queries
+meet their sample's whole row in one matmul, the slots of the sample's other heads masked by a bool mask that
+:class:`PrefixLayout` derives from the lengths once per prefix (a prefix never changes: decode-time compression and
+reordering build a new store); the tail is a dense matmul, and one softmax spans row and tail, so nothing needs
+merging. A step computes ``Hkv ×`` (the sample's kept tokens) logits per query row: linear in the kept tokens, ``Hkv``
+times the useful ones, which for decoding is far cheaper than the ~25 gather/scatter ops of a per-token segment
+softmax. A batch gathers its rows into a ``(B, L, d)`` temporary each step (``L``: the longest sample's total);
+one sample reads the flat prefix in place. It equals dense attention with the evicted positions masked.
+
+``nbytes`` counts every tensor: the per-head lengths and the cached layout (``Hkv`` bools per row slot, plus an
+int32 index per row slot for a batch) included.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from kvfactory.attention import AttentionSpec, build_mask
 from kvfactory.storage.dense import DenseStore, StoreRow
+
+
+@dataclass(frozen=True)
+class PrefixLayout:
+    """Where attention finds each head's prefix tokens, derived from the per-head lengths once per prefix.
+
+    Sample ``b``'s *row* is its segments one after the other (``L`` slots, the longest sample's total):
+
+    - ``index (B·L,)``: the flat slot behind each row slot, or None for a single sample (the flat prefix is the row);
+      the slots past a shorter sample's end point at slot 0 and are blocked;
+    - ``blocked (B, Hkv, 1, L)`` bool: True where the slot is not head ``h``'s (another head's, or row padding).
+    """
+
+    index: torch.Tensor | None
+    blocked: torch.Tensor
+
+    @classmethod
+    def from_lengths(cls, lengths: torch.Tensor, device: torch.device) -> "PrefixLayout":
+        per_sample = lengths.sum(dim=-1)
+        slots = torch.arange(int(per_sample.max()))
+        ends = lengths.cumsum(dim=-1)
+        blocked = (slots < (ends - lengths)[..., None]) | (slots >= ends[..., None])
+        index = None
+        if lengths.shape[0] > 1:
+            starts = per_sample.cumsum(dim=0) - per_sample
+            index = torch.where(slots < per_sample[:, None], starts[:, None] + slots, 0)
+            index = index.flatten().to(device, torch.int32)
+        return cls(index, blocked[:, :, None].to(device))
+
+    def rows(self, flat: torch.Tensor) -> torch.Tensor:
+        """A prefix tensor ``(N, ...)`` as rows: itself for one sample, else gathered into ``(B, L, ...)``."""
+        if self.index is None:
+            return flat
+        batch, _, _, slots = self.blocked.shape
+        return flat.index_select(0, self.index).view(batch, slots, *flat.shape[1:])
+
+    def nbytes(self) -> int:
+        return sum(t.untyped_storage().nbytes() for t in (self.index, self.blocked) if t is not None)
 
 
 class RaggedStore:
@@ -31,6 +79,7 @@ class RaggedStore:
         self.flat_positions = positions.to(torch.int32).contiguous()
         self.lengths = lengths  # (B, Hkv) int64, on the CPU
         self.tail = tail
+        self.layout = PrefixLayout.from_lengths(lengths, self.flat_keys.device)  # the prefix never changes
 
     @property
     def segment_ids(self) -> torch.Tensor:
@@ -78,7 +127,7 @@ class RaggedStore:
 
     def nbytes(self) -> int:
         tensors = [self.flat_keys, self.flat_values, self.flat_positions, self.lengths]
-        return sum(t.untyped_storage().nbytes() for t in tensors) + self.tail.nbytes()
+        return sum(t.untyped_storage().nbytes() for t in tensors) + self.layout.nbytes() + self.tail.nbytes()
 
     def segment_positions(self, b: int, h: int) -> torch.Tensor:
         """Positions held by head ``h`` of sample ``b`` (prefix then tail)."""
@@ -137,53 +186,40 @@ class RaggedStore:
         if need_weights:
             raise ValueError("ragged storage does not return attention weights (no head-wise method needs them)")
         batch, num_q_heads, n, head_dim = queries.shape
-        num_kv_heads = self.lengths.shape[1]
-        groups = num_q_heads // num_kv_heads
-        scale = 1 / math.sqrt(head_dim)
-        grouped = queries.reshape(batch * num_kv_heads, groups * n, head_dim).float()
-        segment_ids = self.segment_ids
+        heads = self.lengths.shape[1]
+        groups, rows = num_q_heads // heads, num_q_heads // heads * n  # query rows per KV head: (group, token)
+        grouped = (_fp32(queries) / math.sqrt(head_dim)).reshape(batch, heads, rows, head_dim)
+        layout, tail = self.layout, self.tail
+        window = spec.sliding_window if query_positions is not None else None
 
-        # prefix: per-token logits against its own segment's queries, segment softmax statistics
-        logits = torch.bmm(grouped[segment_ids], self.flat_keys.float()[:, :, None]).squeeze(-1) * scale
-        if spec.sliding_window is not None and query_positions is not None:
-            query_pos = query_positions.repeat_interleave(num_kv_heads, dim=0).repeat(1, groups)  # (S, g·n)
-            too_far = query_pos[segment_ids] - self.flat_positions[:, None] >= spec.sliding_window
-            logits = logits.masked_fill(too_far, float("-inf"))
-        segments = batch * num_kv_heads
-        prefix_max = torch.full((segments, groups * n), float("-inf"), device=queries.device)
-        prefix_max = prefix_max.scatter_reduce(0, segment_ids[:, None].expand_as(logits), logits, "amax")
-        safe_max = torch.where(torch.isfinite(prefix_max), prefix_max, torch.zeros_like(prefix_max))
-        weights = torch.exp(logits - safe_max[segment_ids])
-        prefix_sum = torch.zeros_like(prefix_max).index_add_(0, segment_ids, weights)
-        prefix_out = torch.zeros(segments, groups * n, head_dim, device=queries.device).index_add_(
-            0, segment_ids, weights[:, :, None] * self.flat_values.float()[:, None, :]
-        )
+        # prefix: every query row against its sample's whole row, the other heads' slots masked
+        keys, values = layout.rows(_fp32(self.flat_keys)), layout.rows(_fp32(self.flat_values))
+        slots = keys.shape[-2]
+        logits = torch.matmul(grouped.reshape(batch, heads * rows, head_dim), keys.transpose(-1, -2))
+        logits = logits.view(batch, heads, rows, slots).masked_fill_(layout.blocked, float("-inf"))
+        if window is not None:
+            too_far = query_positions[:, :, None] - layout.rows(self.flat_positions).view(batch, 1, slots) >= window
+            logits.view(batch, heads, groups, n, slots).masked_fill_(too_far[:, None, None], float("-inf"))
 
         # tail: dense masked logits (the new tokens are its last n slots)
-        tail = self.tail
-        tail_logits = torch.matmul(grouped.view(batch, num_kv_heads, groups * n, head_dim),
-                                   tail.keys.float().transpose(-1, -2)) * scale
+        tail_logits = torch.matmul(grouped, _fp32(tail.keys).transpose(-1, -2))
+        windowed = window is not None
         mask = build_mask(batch, n, tail.length, queries.device, key_valid=tail.valid, query_valid=query_valid,
-                          sliding_window=spec.sliding_window, query_positions=query_positions,
-                          key_positions=tail.positions)
+                          sliding_window=window, query_positions=query_positions if windowed else None,
+                          key_positions=tail.positions if windowed else None)
         if mask is None and n > 1:  # plain causality among the new tokens
             mask = torch.ones(n, tail.length, dtype=torch.bool, device=queries.device).tril(tail.length - n)[None, None]
-        tail_logits = tail_logits.view(batch, num_kv_heads, groups, n, tail.length)
         if mask is not None:
-            tail_logits = tail_logits.masked_fill(~mask[:, :, None], float("-inf"))
-        tail_logits = tail_logits.view(segments, groups * n, tail.length)
-        tail_max = tail_logits.amax(dim=-1)
-        safe_tail = torch.where(torch.isfinite(tail_max), tail_max, torch.zeros_like(tail_max))
-        tail_weights = torch.exp(tail_logits - safe_tail[..., None])
-        tail_sum = tail_weights.sum(-1)
-        tail_out = torch.matmul(tail_weights.view(batch, num_kv_heads, groups * n, tail.length),
-                                tail.values.float()).view(segments, groups * n, head_dim)
+            tail_logits.view(batch, heads, groups, n, tail.length).masked_fill_(~mask[:, :, None], float("-inf"))
 
-        # merge the two parts through their maxima
-        total_max = torch.maximum(safe_max, safe_tail)
-        prefix_scale = torch.exp(safe_max - total_max) * torch.isfinite(prefix_max)
-        tail_scale = torch.exp(safe_tail - total_max) * torch.isfinite(tail_max)
-        numerator = prefix_out * prefix_scale[..., None] + tail_out * tail_scale[..., None]
-        denominator = prefix_sum * prefix_scale + tail_sum * tail_scale
-        output = (numerator / denominator[..., None]).to(queries.dtype)
-        return output.view(batch, num_q_heads, n, head_dim), None
+        # one softmax over row and tail (every query row sees at least its own token), then both weighted sums
+        weights = torch.cat([logits, tail_logits], dim=-1).softmax(dim=-1)
+        output = torch.matmul(weights[..., :slots].reshape(batch, heads * rows, slots), values).view_as(grouped)
+        output = (output + torch.matmul(weights[..., slots:], _fp32(tail.values))).view(queries.shape)
+        return (output if output.dtype == queries.dtype else output.to(queries.dtype)), None
+
+
+def _fp32(tensor: torch.Tensor) -> torch.Tensor:
+    """Attention runs in fp32 (a no-op for fp32 tensors)."""
+    return tensor if tensor.dtype == torch.float32 else tensor.float()
+
