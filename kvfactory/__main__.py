@@ -23,6 +23,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--length", type=int, default=1000, help="prompt length in tokens")
     parser.add_argument("--depth", type=float, default=0.5, help="relative depth of the passkey (0 = start, 1 = end)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--window_size", type=int, default=None,
+                        help="observation window of the methods that take one (default: their own, 8)")
+    parser.add_argument("--kernel_size", type=int, default=None,
+                        help="score pooling kernel of snapkv/pyramidkv (default 7, KVCache-Factory's; SmolLM2 spells "
+                             "a number one digit per token, so 11 keeps all five digits of the key)")
     parser.add_argument("--attn_implementation", default="sdpa", choices=["eager", "sdpa", "flash_attention_2"])
     return parser.parse_args(argv)
 
@@ -41,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'method':<14}{'answer':<24}{'ok':<5}{'kept/layer':>11}{'cache KiB':>11}{'seconds':>9}")
     for name in names:
         params = {} if name == "fullkv" else {"max_capacity_prompt": args.max_capacity_prompt}
+        accepted = kvfactory.methods.parameters(name)  # each flag goes to the methods that take it
+        params.update({key: value for key, value in (("window_size", args.window_size),
+                                                     ("kernel_size", args.kernel_size))
+                       if value is not None and key in accepted})
         with kvfactory.patch(model, name, **params):
             (result,) = greedy_generate(model, tokenizer, [sample.input_ids], max_new_tokens=12, stop_token_ids=stop)
         answer = result.text.strip().replace("\n", " ")[:22]

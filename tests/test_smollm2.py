@@ -43,3 +43,13 @@ def test_snapkv_finds_the_passkey_with_128_tokens_per_layer(smollm2) -> None:
     assert all(store.keys.shape[1] == 3 for store in cache.stores)
     per_token = 2 * 3 * 64 * 4 + 3 * 4  # K and V at 3 KV heads × 64 fp32 dims, int32 positions
     assert snap.cache_bytes >= 30 * (128 + len(snap.new_token_ids) - 1) * per_token
+
+
+def test_main_job_runs_and_passes_window_and_kernel(capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m kvfactory``: one row per method; --kernel_size reaches snapkv (at depth 0.5, seed 0 the default
+    kernel 7 loses the key's fifth digit, one token per digit, and 11 keeps it), h2o takes no kernel."""
+    from kvfactory.__main__ import main
+
+    assert main(["--methods", "snapkv,h2o", "--kernel_size", "11", "--window_size", "8"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
+    assert set(rows) == {"snapkv", "h2o"} and "yes" in rows["snapkv"] and "128" in rows["snapkv"]
