@@ -12,10 +12,11 @@ Attention is exact and costs about ten tensor ops per layer, whatever the number
 meet their sample's whole row in one matmul, the slots of the sample's other heads masked by a bool mask that
 :class:`PrefixLayout` derives from the lengths once per prefix (a prefix never changes: decode-time compression and
 reordering build a new store); the tail is a dense matmul, and one softmax spans row and tail, so nothing needs
-merging. A step computes ``Hkv ×`` (the sample's kept tokens) logits per query row: linear in the kept tokens, ``Hkv``
-times the useful ones, which for decoding is far cheaper than the ~25 gather/scatter ops of a per-token segment
-softmax. A batch gathers its rows into a ``(B, L, d)`` temporary each step (``L``: the longest sample's total);
-one sample reads the flat prefix in place. It equals dense attention with the evicted positions masked.
+merging. A step computes ``Hkv ×`` (the sample's kept tokens) logits per query row and reads keys and values once:
+linear in the kept tokens, ``Hkv`` times the useful logits. For decoding that is far cheaper than a per-token segment
+softmax (~25 gather/scatter ops; about 3× slower per SmolLM2 layer on CPU). A batch gathers its rows into a
+``(B, L, d)`` temporary each step (``L``: the longest sample's total); one sample reads the flat prefix in place.
+It equals dense attention with the evicted positions masked.
 
 ``nbytes`` counts every tensor: the per-head lengths and the cached layout (``Hkv`` bools per row slot, plus an
 int32 index per row slot for a batch) included.
