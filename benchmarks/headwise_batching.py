@@ -4,9 +4,10 @@
 2. decode TPOT adakv / snapkv (goal: within 15%);
 3. throughput of a batch of 8 left-padded prompts / one prompt at a time (goal: >= 2.5), decode-only and end to end;
 4. passkey accuracy at C=128 over depths and seeds: fullkv, snapkv, adakv, headkv (head scores computed for this
-   model by kvfactory.retrieval_heads when missing).
+   model by kvfactory.retrieval_heads when missing), at each pooling kernel of ``--kernel_sizes`` (7 is KVCF's
+   default; SmolLM2 spells numbers one digit per token, and 11 reaches all five digits of a key: docs/methods.md).
 
-``python benchmarks/headwise_batching.py [--model_path smollm2-135m] [--length 1000] [--seeds 3]``
+``python benchmarks/headwise_batching.py [--model_path smollm2-135m] [--length 1000] [--seeds 3] [--kernel_sizes 7,11]``
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ def main() -> int:
     parser.add_argument("--length", type=int, default=1000, help="passkey prompt length")
     parser.add_argument("--seeds", type=int, default=3, help="passkey seeds (x 7 depths)")
     parser.add_argument("--head_path", type=Path, default=REPO_ROOT / "data" / "heads_score" / "smollm2-135m.json")
+    parser.add_argument("--kernel_sizes", default="7,11", help="pooling kernels the accuracy part runs, a,b,...")
     parser.add_argument("--parts", default="timing,accuracy",
                         help="timing (items 1-3: needs a quiet machine), accuracy (item 4: does not), or both")
     args = parser.parse_args()
@@ -88,17 +90,20 @@ def accuracy(model, tokenizer, budget: int, args: argparse.Namespace) -> None:
         print(f"    computing retrieval-head scores for HeadKV into {args.head_path}")
         args.head_path.parent.mkdir(parents=True, exist_ok=True)
         args.head_path.write_text(json.dumps(retrieval_head_scores(model, tokenizer, num_samples=10, length=1000)))
-    configs = [("fullkv", {}), ("snapkv", {"max_capacity_prompt": budget}), ("adakv", {"max_capacity_prompt": budget}),
-               ("headkv", {"max_capacity_prompt": budget, "head_path": str(args.head_path)})]
+    configs: list[tuple[str, str, dict]] = [("fullkv", "fullkv", {})]  # (label, method, parameters)
+    for kernel in (int(k) for k in args.kernel_sizes.split(",")):
+        pooled = {"max_capacity_prompt": budget, "kernel_size": kernel}
+        configs += [(f"snapkv k={kernel}", "snapkv", pooled), (f"adakv k={kernel}", "adakv", pooled),
+                    (f"headkv k={kernel}", "headkv", {"head_path": str(args.head_path), **pooled})]
     samples = [make_passkey_sample(tokenizer, args.length, depth, seed=seed) for seed in range(args.seeds)
                for depth in DEPTHS]
-    found: dict[str, list[bool]] = {name: [] for name, _ in configs}
-    for name, params in configs:
-        with kvfactory.patch(model, name, **params):
+    found: dict[str, list[bool]] = {label: [] for label, _, _ in configs}
+    for label, method, params in configs:
+        with kvfactory.patch(model, method, **params):
             for sample in samples:
                 (result,) = greedy_generate(model, tokenizer, [sample.input_ids], max_new_tokens=8,
                                             stop_token_ids=[tokenizer.eos_token_id])
-                found[name].append(passkey_found(result.text, sample.passkey))
+                found[label].append(passkey_found(result.text, sample.passkey))
     print(f"[4] passkey accuracy, {len(samples)} prompts of ~{args.length} tokens ({args.seeds} seeds x 7 depths), "
           f"C={budget}: " + ", ".join(f"{name} {sum(hits)}/{len(samples)}" for name, hits in found.items()))
     for name in found:
