@@ -1,8 +1,10 @@
 """Where kvfactory finds data that is not part of the repository."""
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
+from typing import Iterable
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,3 +30,18 @@ def cache_dir() -> Path:
     path = Path(root)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def read_text_files(paths: Iterable[str | Path]) -> str:
+    """The files' UTF-8 texts concatenated with no separator, newlines normalized to ``\n`` (cached per path list):
+    the needle and RULER essay haystacks."""
+    return _read_text_files(tuple(str(path) for path in paths))
+
+
+@functools.lru_cache(maxsize=8)
+def _read_text_files(paths: tuple[str, ...]) -> str:
+    parts = []
+    for path in paths:
+        with open(path, "rb") as handle:
+            parts.append(handle.read().decode("utf-8").replace("\r\n", "\n").replace("\r", "\n"))
+    return "".join(parts)

@@ -32,7 +32,6 @@ Differs
 """
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import re
@@ -42,6 +41,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+
+from kvfactory.paths import read_text_files
 
 __all__ = [
     "NEEDLE", "DEFAULT_DEPTHS", "NOISE_SENTENCE", "HaystackNotFound", "default_haystack_dir", "load_haystack_text",
@@ -79,14 +80,6 @@ def default_haystack_dir() -> Path | None:
     candidates = [REPO_ROOT / "data" / "PaulGrahamEssays"] + ([root / "PaulGrahamEssays"] if root else [])
     return next((folder for folder in candidates if folder.is_dir()), None)
 
-
-@functools.lru_cache(maxsize=4)
-def _read_essays(paths: tuple[str, ...]) -> str:
-    parts = []
-    for path in paths:
-        with open(path, "rb") as handle:
-            parts.append(handle.read().decode("utf-8").replace("\r\n", "\n").replace("\r", "\n"))
-    return "".join(parts)
 
 
 def _repeat_until(text: str, min_tokens: int, tokenizer: Any | None, joiner: str) -> str:
@@ -134,7 +127,7 @@ def load_haystack_text(haystack_dir: str | Path | None = None, *, min_tokens: in
     files = sorted(folder.glob("*.txt"))
     if not files:
         raise HaystackNotFound(f"essay folder {folder} holds no *.txt file: {HAYSTACK_HINT}")
-    text = _read_essays(tuple(str(path) for path in files))
+    text = read_text_files(files)
     return _repeat_until(text, min_tokens, tokenizer, joiner="")
 
 

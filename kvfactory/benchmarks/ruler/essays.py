@@ -19,6 +19,8 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+from kvfactory.paths import read_text_files
+
 from .common import MissingTaskData
 
 __all__ = ["essay_text", "essay_words", "default_essays_dir", "sent_tokenize", "sentence_splitter_source"]
@@ -51,16 +53,8 @@ def essay_text(essays_dir: str | Path | None) -> str:
     files = sorted(folder.glob("*.txt")) if folder.is_dir() else []
     if not files:
         raise MissingTaskData(f"no essay *.txt files in {folder}: {ESSAYS_HINT}")
-    return _read_all(tuple(str(path) for path in files))
+    return read_text_files(files)
 
-
-@functools.lru_cache(maxsize=4)
-def _read_all(paths: tuple[str, ...]) -> str:
-    parts = []
-    for path in paths:
-        with open(path, "rb") as handle:
-            parts.append(handle.read().decode("utf-8").replace("\r\n", "\n").replace("\r", "\n"))
-    return "".join(parts)
 
 
 def essay_words(essays_dir: str | Path | None) -> list[str]:
