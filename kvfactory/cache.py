@@ -19,7 +19,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache
 
 from kvfactory.attention import AttentionSpec, attend
-from kvfactory.methods.base import Compressor, Kept, gather_tokens
+from kvfactory.methods.base import Compressor, Kept
 from kvfactory.methods.scoring import PrefillAttention, reduce_groups
 from kvfactory.storage.base import DenseStorage, StorageFactory
 from kvfactory.storage.dense import StoreRow

@@ -10,7 +10,7 @@ import kvfactory
 from kvfactory import methods
 from kvfactory.attention import AttentionSpec, attend
 from kvfactory.storage.ragged import RaggedStore
-from tests.conftest import greedy, method_params, random_prompt, synthetic_head_scores, tiny_model
+from tests.conftest import greedy, method_params, random_prompt, tiny_model
 from tests.test_methods_kept import GROUPS, HKV, HQ, N, group, maxpool_loop, naive_causal_attention
 
 
@@ -176,7 +176,7 @@ def test_headkv_rejects_a_file_of_another_model(tmp_path) -> None:
 
 def test_ragged_cache_bytes_are_the_ragged_total() -> None:
     model = tiny_model("llama")
-    with kvfactory.patch(model, "adakv", max_capacity_prompt=20) as handle, torch.no_grad():
+    with kvfactory.patch(model, "adakv", max_capacity_prompt=20), torch.no_grad():
         cache = model(random_prompt(60), use_cache=True).past_key_values
     total = 0
     for store in cache.stores:
