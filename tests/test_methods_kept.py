@@ -201,14 +201,14 @@ def test_ratio_budget(qkv) -> None:
 def test_h2o_column_sums_from_the_attention_kernels_lse(qkv) -> None:
     """H2O reuses the prefill kernel's log-sum-exp; the column sums equal the self-computed ones."""
     from kvfactory.attention import AttentionSpec, attend
-    from kvfactory.methods.scoring import causal_column_sums
+    from kvfactory.methods.scoring import PrefillAttention, causal_column_sums
 
     q, k, v = qkv
     output, lse = attend(q, k, v, AttentionSpec("sdpa"), need_lse=True)
     assert lse is not None and lse.shape == (B, HQ, N)
     reference, _ = attend(q, k, v, AttentionSpec("eager"))
     assert (output - reference).abs().max() < 1e-5
-    assert torch.allclose(causal_column_sums(q, k, lse), causal_column_sums(q, k), atol=1e-5)
+    assert torch.allclose(causal_column_sums(q, k, PrefillAttention(lse=lse)), causal_column_sums(q, k), atol=1e-5)
     naive = naive_causal_attention(q, k).sum(-2).view(B, HKV, GROUPS, N)
     assert torch.allclose(causal_column_sums(q, k), naive, atol=1e-4)
 
@@ -223,7 +223,7 @@ def test_h2o_column_sums_from_the_eager_weights(qkv) -> None:
     _, weights = attend(q, k, v, AttentionSpec("eager"), need_lse=True)
     prefill = PrefillAttention.from_kernel(weights)
     naive = naive_causal_attention(q, k).sum(-2).view(B, HKV, GROUPS, N)
-    assert prefill.lse is None and torch.allclose(causal_column_sums(q, k, prefill=prefill), naive, atol=1e-5)
+    assert prefill.lse is None and torch.allclose(causal_column_sums(q, k, prefill), naive, atol=1e-5)
     query_valid = torch.ones(B, N, dtype=torch.bool)
     query_valid[0, :3] = False
     sums = PrefillAttention.from_kernel(weights, query_valid).column_sums
@@ -264,4 +264,4 @@ def test_h2o_column_sums_by_the_cpu_kernel_equal_the_chunked_ones(qkv, monkeypat
     assert torch.allclose(scoring._column_sums_by_cpu_flash(q, k, lse), naive, atol=1e-4)
     monkeypatch.setattr(scoring, "_CPU_FLASH", None)
     assert torch.allclose(scoring.causal_logsumexp(q, k), lse, atol=1e-5)
-    assert torch.allclose(scoring.causal_column_sums(q, k, lse), naive, atol=1e-4)
+    assert torch.allclose(scoring.causal_column_sums(q, k, scoring.PrefillAttention(lse=lse)), naive, atol=1e-4)

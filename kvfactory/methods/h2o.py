@@ -47,7 +47,7 @@ class H2O(WindowedCompressor):
     def token_scores(self, queries: torch.Tensor, keys: torch.Tensor,
                      prefill_attention: PrefillAttention | None = None) -> torch.Tensor:
         """Accumulated attention ``(B, Hkv, n)`` each prompt token received."""
-        return reduce_groups(causal_column_sums(queries, keys, prefill=prefill_attention), self.gqa_score_agg)
+        return reduce_groups(causal_column_sums(queries, keys, prefill_attention), self.gqa_score_agg)
 
     def select(self, queries, keys, values, *, capacity, layer_idx, num_layers, accumulated=None,
                prefill_attention=None) -> Selection:

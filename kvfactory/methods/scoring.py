@@ -106,21 +106,20 @@ def causal_logsumexp(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return lse.view(batch, num_q_heads, n)
 
 
-def causal_column_sums(queries: torch.Tensor, keys: torch.Tensor, lse: torch.Tensor | None = None,
+def causal_column_sums(queries: torch.Tensor, keys: torch.Tensor,
                        prefill: PrefillAttention | None = None) -> torch.Tensor:
     """Σ over every query of its causal softmax attention to each key, ``(B, Hkv, g, n)`` in fp32.
 
     Query ``i`` is the query of key ``i`` (a prompt attending to itself). When the prefill attention already gave
-    the column sums (eager) they are returned as they are. With the attention's log-sum-exp ``lse (B, Hq, n)`` (from
-    the prefill kernel, or ``prefill.lse``) one pass suffices: ``Σ_i exp(q_i·k_j/√d − lse_i)``; otherwise it is
-    computed first. On CPU the pass is one call of the flash kernel, elsewhere it runs over query chunks; either way
-    no ``n × n`` fp32 tensor is ever allocated.
+    the column sums (eager) they are returned as they are. With the attention's log-sum-exp ``prefill.lse (B, Hq,
+    n)`` (from the prefill kernel) one pass suffices: ``Σ_i exp(q_i·k_j/√d − lse_i)``; otherwise it is computed
+    first. On CPU the pass is one call of the flash kernel, elsewhere it runs over query chunks; either way no
+    ``n × n`` fp32 tensor is ever allocated.
     """
     batch, num_q_heads, n, _ = queries.shape
     if prefill is not None and prefill.column_sums is not None:
         return prefill.column_sums.float().view(batch, keys.shape[1], num_q_heads // keys.shape[1], n)
-    if lse is None and prefill is not None:
-        lse = prefill.lse
+    lse = None if prefill is None else prefill.lse
     if lse is None:
         lse = causal_logsumexp(queries, keys)
     if keys.device.type == "cpu" and _CPU_FLASH is not None:
