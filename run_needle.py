@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     from kvfactory.benchmarks.common import add_method_arguments, add_model_arguments
     from kvfactory.benchmarks.needle import HAYSTACK_KINDS
     from kvfactory.benchmarks.needle_haystack import NEEDLE
-    from kvfactory.benchmarks.needle_prompt import RETRIEVAL_QUESTION
+    from kvfactory.benchmarks.needle_prompt import RETRIEVAL_QUESTION, SF_ANSWER_PREFIX
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_arguments(parser)
@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="essay folder (default: data/PaulGrahamEssays, else ../shared/data/PaulGrahamEssays)")
     texts.add_argument("--needle", default=NEEDLE, help="default: the San Francisco sandwich sentence")
     texts.add_argument("--retrieval_question", default=RETRIEVAL_QUESTION, help=f"default: {RETRIEVAL_QUESTION!r}")
+    texts.add_argument("--answer_prefix", default="",
+                       help=f"text the assistant turn starts with; the answer scored is what follows it (default none; "
+                            f"for the default needle e.g. {SF_ANSWER_PREFIX!r})")
     texts.add_argument("--no_chat_template", action="store_true",
                        help="plain prompt ending in 'Answer:' even when the tokenizer has a chat template")
     run = parser.add_argument_group("run")
@@ -147,7 +150,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     spec = needle.NeedleRun(
         results_dir=args.save_dir / version, lengths=lengths, depths=depths, model=model_name, method=method,
         budget=budget, version=version, needle=args.needle, question=args.retrieval_question,
-        max_new_tokens=args.max_new_tokens, use_chat_template=not args.no_chat_template,
+        answer_prefix=args.answer_prefix, max_new_tokens=args.max_new_tokens, use_chat_template=not args.no_chat_template,
         haystack=f"essays:{haystack_dir}" if args.haystack == "essays" else "noise")
     write_run_meta(spec.results_dir, args, extra={"method_params": params, "lengths": spec.lengths,
                                                   "depths": spec.depths, "haystack": spec.haystack,

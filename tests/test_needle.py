@@ -122,6 +122,13 @@ def test_end_to_end_tiny_model_and_resume(tokenizer: WordTokenizer, tmp_path: Pa
         other = make_run(run.results_dir, [120], [0], method="h2o")
         with pytest.raises(ValueError, match="one results folder per"):
             needle.run_needle(model, tokenizer, handle, other, haystack, stop_token_ids=[0])
+        prefixed = make_run(run.results_dir, [120], [0], answer_prefix="The best thing")
+        with pytest.raises(ValueError, match="answer_prefix"):  # another prompt: never resumed on top of this run
+            needle.run_needle(model, tokenizer, handle, prefixed, haystack, stop_token_ids=[0])
+        prefixed.results_dir = tmp_path / "prefixed"
+        assert needle.run_needle(model, tokenizer, handle, prefixed, haystack, stop_token_ids=[0]) == 1
+    cell = needle_scoring.read_cells(prefixed.results_dir)[0]
+    assert cell["answer_prefix"] == "The best thing" and cell["input_tokens"] == 120
     cells = needle_scoring.read_cells(run.results_dir)
     assert [(c["context_length"], c["depth_percent"]) for c in cells] == run.cells
     for cell in cells:

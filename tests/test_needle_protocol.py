@@ -198,6 +198,24 @@ def test_prompt_length_equals_target_on_fake_tokenizer(fake: WordTokenizer, fake
         assert text.rstrip().endswith("assistant :" if chat else "Answer :")
 
 
+@pytest.mark.parametrize("chat", [False, True])
+def test_answer_prefix_ends_the_prompt_and_keeps_its_length(fake: WordTokenizer, fake_chat: WordTokenizer,
+                                                            chat: bool) -> None:
+    tokenizer = fake_chat if chat else fake
+    prefix = "alpha beta gamma"
+    plain = needle_prompt.prompt_parts(tokenizer)
+    parts = needle_prompt.prompt_parts(tokenizer, answer_prefix=prefix)
+    prefix_ids = tokenizer.encode(prefix, add_special_tokens=False)
+    assert parts.prefix_ids == plain.prefix_ids
+    assert parts.suffix_ids == plain.suffix_ids + tuple(prefix_ids)  # the assistant turn (or "Answer:") starts with it
+    overhead = needle_prompt.prompt_overhead(tokenizer, answer_prefix=prefix)
+    assert overhead == plain.overhead + len(prefix_ids)
+    haystack = " ".join([SENTENCE] * 300)
+    context = needle_haystack.build_context(tokenizer, haystack, needle_haystack.NEEDLE, 50, 333, overhead)
+    prompt = needle_prompt.build_prompt_ids(tokenizer, context.ids, answer_prefix=prefix)
+    assert len(prompt) == 333 and prompt[-len(prefix_ids):] == prefix_ids
+
+
 @pytest.fixture(scope="module")
 def smollm2() -> Any:
     try:

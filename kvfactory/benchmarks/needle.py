@@ -128,6 +128,7 @@ class NeedleRun:
     version: str
     needle: str = NEEDLE
     question: str = RETRIEVAL_QUESTION
+    answer_prefix: str = ""
     max_new_tokens: int = 50
     use_chat_template: bool = True
     haystack: str = "essays"
@@ -164,7 +165,8 @@ class CellStore:
     def __init__(self, run: NeedleRun) -> None:
         self.run = run
         self.path = run.results_dir
-        done = completed_cells(run.results_dir, model=run.model, method=run.method, budget=run.budget)
+        done = completed_cells(run.results_dir, model=run.model, method=run.method, budget=run.budget,
+                               answer_prefix=run.answer_prefix)
         self._done = {cell_key(length, depth) for length, depth in done}
 
     @property
@@ -199,7 +201,8 @@ def needle_jobs(tokenizer: Any, run: NeedleRun, haystack: Sequence[int], stop_to
     ValueError
         When a length is too small for the prompt and needle, or the haystack is too short.
     """
-    parts = prompt_parts(tokenizer, run.question, use_chat_template=run.use_chat_template)
+    parts = prompt_parts(tokenizer, run.question, use_chat_template=run.use_chat_template,
+                         answer_prefix=run.answer_prefix)
     ends = sentence_end_token_ids(tokenizer)
     jobs = []
     for length, depth in run.cells:
@@ -213,7 +216,8 @@ def needle_jobs(tokenizer: Any, run: NeedleRun, haystack: Sequence[int], stop_to
         jobs.append(Job(key=key, input_ids=prompt, max_new_tokens=run.max_new_tokens,
                         stop_token_ids=list(stop_token_ids),
                         record={"context_length": length, "depth_percent": depth, "version": run.version,
-                                "question": run.question, "haystack": run.haystack,
+                                "question": run.question, "answer_prefix": run.answer_prefix,
+                                "haystack": run.haystack,
                                 "chat_template": parts.chat_template, "insertion_index": context.insertion_index,
                                 "actual_depth_percent": round(context.actual_depth_percent, 3)}))
     return jobs
