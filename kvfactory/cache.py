@@ -265,7 +265,7 @@ class CompressedCache(Cache):
         targets = [self.method.layer_token_budget(  # type: ignore[attr-defined]
             cap, layer_idx, self.num_layers, self.num_query_heads, heads) for cap in capacities]
         over = [b for b, (total, target) in enumerate(zip(totals, targets)) if total > target]
-        if store.tail.length < interval or not over:
+        if store.tail_length < interval or not over:
             return
         keys, values, positions, valid = store.padded()
         keep = valid.clone()

@@ -74,7 +74,7 @@ def test_ragged_layout_follows_reorder(sliding_window: int | None) -> None:
     for step, order in enumerate([None, torch.tensor([2, 0, 0]), None]):
         if order is not None:
             store.reorder(order)
-            assert store.tail.length == 0 and store.layout.blocked.shape[-1] == int(store.lengths.sum(-1).max())
+            assert store.tail_length == 0 and store.layout.prefix_slots == int(store.lengths.sum(-1).max())
         position = torch.full((batch, 1), n + step)
         store.append(torch.randn(batch, HKV, 1, 16, generator=generator),
                      torch.randn(batch, HKV, 1, 16, generator=generator), position)
@@ -94,7 +94,7 @@ def test_ragged_layout_follows_decode_time_compression() -> None:
     generator = torch.Generator().manual_seed(5)
     for store in cache.stores:
         fresh = RaggedStore.from_mask(*store.padded())
-        assert torch.equal(store.layout.blocked, fresh.layout.blocked)
+        assert store.tail_length == 0 and torch.equal(store.layout.allowed, fresh.layout.allowed)
         assert torch.equal(store.layout.index, fresh.layout.index)
         position = torch.full((2, 1), cache.get_seq_length())
         store.append(torch.randn(2, HKV, 1, 16, generator=generator), torch.randn(2, HKV, 1, 16, generator=generator),
@@ -184,7 +184,7 @@ def test_ragged_cache_bytes_are_the_ragged_total() -> None:
         assert tokens == store.flat_keys.shape[0] and abs(tokens - 2 * 20) <= 2
         # K and V (16 fp32 dims) and an int32 position per token, as dense storage; int64 lengths per head; the
         # cached layout: one bool per (head, token) of the sample
-        total += tokens * (2 * 16 * 4 + 4) + 2 * 8 + 2 * tokens + store.tail.nbytes()
+        total += tokens * (2 * 16 * 4 + 4) + 2 * 8 + 2 * tokens
     assert kvfactory.cache_nbytes(cache) == total
 
 

@@ -1,91 +1,124 @@
 """Ragged per-head storage: every (sample, KV head) keeps its own number of tokens, with no padding.
 
-Layout of one layer:
+Layout of one layer: one flat buffer of keys and one of values, ``(N + B·capacity·Hkv, d)``:
 
-- a compact **prefix** (what the head-wise method kept): flat ``keys/values (N, d)`` and ``positions (N,)``, sorted by
-  segment ``s = b·Hkv + h`` then position; ``lengths (B, Hkv)`` delimit the segments. Sample ``b``'s segments, one
-  after the other, form its *row*;
-- a dense **tail** (:class:`~kvfactory.storage.dense.DenseStore`) for tokens appended afterwards: every head gains
-  the same tokens, so the tail is compact as well and decoding appends in O(1) amortized.
+- the compact **prefix** (what the head-wise method kept): rows ``[0, N)``, sorted by segment ``s = b·Hkv + h``
+  then position, with ``positions (N,)``; ``lengths (B, Hkv)`` delimit the segments. Sample ``b``'s segments, one
+  after the other, form its *prefix row*;
+- the **tail** of tokens appended afterwards (every head gains the same tokens): sample ``b``'s block of
+  ``capacity`` tokens follows the prefix, token-major (token ``t`` of head ``h`` at ``N + (b·capacity + t)·Hkv + h``),
+  with ``positions (B, capacity)`` shared by the heads. Appends write into headroom, with the same rule as
+  :class:`~kvfactory.storage.dense.DenseStore` (1/16 of the longest head, at least 8 tokens): O(1) amortized.
 
-Attention is exact and costs about ten tensor ops per layer, whatever the number of heads: head ``h``'s queries
-meet their sample's whole row in one matmul, the slots of the sample's other heads masked by a bool mask that
-:class:`PrefixLayout` derives from the lengths once per prefix (a prefix never changes: decode-time compression and
-reordering build a new store); the tail is a dense matmul, and one softmax spans row and tail, so nothing needs
-merging. A step computes ``Hkv ×`` (the sample's kept tokens) logits per query row and reads keys and values once:
-linear in the kept tokens, ``Hkv`` times the useful logits. For decoding that is far cheaper than a per-token segment
-softmax (~25 gather/scatter ops; about 3× slower per SmolLM2 layer on CPU). A batch gathers its rows into a
-``(B, L, d)`` temporary each step (``L``: the longest sample's total); one sample reads the flat prefix in place.
-It equals dense attention with the evicted positions masked.
+A sample's *row* is its prefix row followed by its tail; for a single sample that is the buffer itself, so a decode
+step copies nothing. Attention is one ``scaled_dot_product_attention`` call, like dense storage's: head ``h``'s
+queries meet their sample's whole row (the row expanded over the heads, not copied) under a bool mask that hides
+the other heads' slots. :class:`RowLayout` derives that mask (and, for a batch, the index that gathers rows) from
+the lengths, once per prefix and tail capacity: a prefix never changes (decode-time compression and reordering
+build a new store). A step computes ``Hkv ×`` (the sample's kept tokens) logits per query row and reads keys and
+values once: linear in the kept tokens, ``Hkv`` times the useful logits, but one kernel call instead of a dozen
+small ops, which on CPU costs about what the dense kernel does (each small op may wake the OpenMP pool). A batch
+gathers its rows into a ``(B, L + T·Hkv, d)`` temporary each step (``L``: the longest prefix row); one sample reads
+the buffer in place. It equals dense attention with the evicted positions masked.
 
-``nbytes`` counts every tensor: the per-head lengths and the cached layout (``Hkv`` bools per row slot, plus an
-int32 index per row slot for a batch) included.
+``nbytes`` counts every tensor: the tail's headroom, the per-head lengths and the layout (``Hkv`` bools per row
+slot, plus an int32 index per row slot for a batch) included.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from kvfactory.attention import AttentionSpec, build_mask
-from kvfactory.storage.dense import DenseStore, StoreRow
+from kvfactory.attention import AttentionSpec
+from kvfactory.storage.dense import HEADROOM_FRACTION, MIN_HEADROOM
 
 
-@dataclass(frozen=True)
-class PrefixLayout:
-    """Where attention finds each head's prefix tokens, derived from the per-head lengths once per prefix.
+@dataclass
+class RowLayout:
+    """Where attention finds each head's tokens in its sample's row (``prefix_slots`` + ``tail_capacity·Hkv`` slots).
 
-    Sample ``b``'s *row* is its segments one after the other (``L`` slots, the longest sample's total):
-
-    - ``index (B·L,)``: the flat slot behind each row slot, or None for a single sample (the flat prefix is the row);
-      the slots past a shorter sample's end point at slot 0 and are blocked;
-    - ``blocked (B, Hkv, 1, L)`` bool: True where the slot is not head ``h``'s (another head's, or row padding).
+    - ``allowed (B, Hkv, 1, slots)`` bool: True where the slot is head ``h``'s (not another head's, not row padding,
+      not an invalid tail token);
+    - ``index (B·slots,)`` int32: the buffer row behind each row slot, or None for a single sample (the buffer is
+      the row); the slots past a shorter sample's prefix point at buffer row 0 and are not allowed.
     """
 
+    prefix_slots: int
+    tail_capacity: int
+    allowed: torch.Tensor
     index: torch.Tensor | None
-    blocked: torch.Tensor
 
     @classmethod
-    def from_lengths(cls, lengths: torch.Tensor, device: torch.device) -> "PrefixLayout":
+    def build(cls, lengths: torch.Tensor, tail_capacity: int, device: torch.device,
+              tail_valid: torch.Tensor | None = None) -> "RowLayout":
+        """The layout of a prefix with ``lengths (B, Hkv)`` and room for ``tail_capacity`` tokens per sample
+        (``tail_valid (B, tail_capacity)``: which tail tokens are real; None: all)."""
+        batch, heads = lengths.shape
         per_sample = lengths.sum(dim=-1)
-        slots = torch.arange(int(per_sample.max()))
+        prefix_slots = int(per_sample.max())
+        slots = torch.arange(prefix_slots)
         ends = lengths.cumsum(dim=-1)
-        blocked = (slots < (ends - lengths)[..., None]) | (slots >= ends[..., None])
-        index = None
-        if lengths.shape[0] > 1:
+        prefix_allowed = (slots >= (ends - lengths)[..., None]) & (slots < ends[..., None])
+        own_head = torch.eye(heads, dtype=torch.bool)[:, None, :].expand(heads, tail_capacity, heads)
+        tail_allowed = own_head.reshape(heads, tail_capacity * heads).expand(batch, -1, -1)
+        allowed = torch.cat([prefix_allowed, tail_allowed], dim=-1)[:, :, None].to(device)
+        layout = cls(prefix_slots, tail_capacity, allowed, None)
+        if tail_valid is not None:
+            layout.set_tail_validity(0, tail_valid)
+        if batch > 1:
             starts = per_sample.cumsum(dim=0) - per_sample
-            index = torch.where(slots < per_sample[:, None], starts[:, None] + slots, 0)
-            index = index.flatten().to(device, torch.int32)
-        return cls(index, blocked[:, :, None].to(device))
+            prefix_index = torch.where(slots < per_sample[:, None], starts[:, None] + slots, 0)
+            tail_index = int(per_sample.sum()) + torch.arange(batch * tail_capacity * heads).view(batch, -1)
+            layout.index = torch.cat([prefix_index, tail_index], dim=-1).flatten().to(device, torch.int32)
+        return layout
 
-    def rows(self, flat: torch.Tensor) -> torch.Tensor:
-        """A prefix tensor ``(N, ...)`` as rows: itself for one sample, else gathered into ``(B, L, ...)``."""
+    @property
+    def slots(self) -> int:
+        return self.allowed.shape[-1]
+
+    def set_tail_validity(self, start: int, valid: torch.Tensor) -> None:
+        """Tail tokens ``[start, start + n)`` of each sample are visible to their own head iff ``valid (B, n)``."""
+        batch, heads = self.allowed.shape[:2]
+        tail = self.allowed[:, :, 0, self.prefix_slots :].view(batch, heads, self.tail_capacity, heads)
+        own_head = torch.eye(heads, dtype=torch.bool, device=valid.device)[:, None, :]
+        tail[:, :, start : start + valid.shape[1]] = own_head & valid[:, None, :, None]
+
+    def rows(self, buffer: torch.Tensor, slots: int) -> torch.Tensor:
+        """The first ``slots`` row slots of every sample, ``(B, slots, ...)``: the buffer itself for one sample,
+        else gathered."""
         if self.index is None:
-            return flat
-        batch, _, _, slots = self.blocked.shape
-        return flat.index_select(0, self.index).view(batch, slots, *flat.shape[1:])
+            return buffer[None, :slots]
+        batch = self.allowed.shape[0]
+        index = self.index.view(batch, self.slots)[:, :slots].reshape(-1)
+        return buffer.index_select(0, index).view(batch, slots, *buffer.shape[1:])
 
     def nbytes(self) -> int:
-        return sum(t.untyped_storage().nbytes() for t in (self.index, self.blocked) if t is not None)
+        return sum(t.untyped_storage().nbytes() for t in (self.index, self.allowed) if t is not None)
 
 
 class RaggedStore:
     """Keys/values of one layer where each KV head keeps its own number of tokens."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor,
-                 tail: DenseStore) -> None:
-        self.flat_keys = keys.contiguous()
-        self.flat_values = values.contiguous()
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+                 lengths: torch.Tensor) -> None:
+        """A store holding the prefix ``keys/values (N, d)``, ``positions (N,)`` delimited by ``lengths (B, Hkv)``
+        (int64, on the CPU), and an empty tail."""
+        self._keys = keys.contiguous()  # prefix rows, then the tail blocks (see the module docstring)
+        self._values = values.contiguous()
         self.flat_positions = positions.to(torch.int32).contiguous()
-        self.lengths = lengths  # (B, Hkv) int64, on the CPU
-        self.tail = tail
-        self.layout = PrefixLayout.from_lengths(lengths, self.flat_keys.device)  # the prefix never changes
+        self.lengths = lengths
+        self.prefix_size = keys.shape[0]
+        self.tail_length = 0
+        self._tail_positions = torch.zeros(lengths.shape[0], 0, dtype=torch.int32, device=keys.device)
+        self._tail_valid: torch.Tensor | None = None  # (B, capacity); None while every tail token is real
+        self.layout = RowLayout.build(lengths, 0, keys.device)
 
     @property
     def segment_ids(self) -> torch.Tensor:
         """The segment ``b·Hkv + h`` of every prefix token, ``(N,)``: derived from the lengths, not stored."""
-        device = self.flat_keys.device
+        device = self._keys.device
         return torch.repeat_interleave(torch.arange(self.lengths.numel(), device=device),
                                        self.lengths.flatten().to(device))
 
@@ -93,58 +126,79 @@ class RaggedStore:
     def from_mask(cls, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
                   keep: torch.Tensor) -> "RaggedStore":
         """Keep ``keys/values (B, Hkv, n, d)`` where ``keep (B, Hkv, n)`` is True (``positions (B, Hkv, n)``)."""
-        batch, heads, _, head_dim = keys.shape
-        empty = DenseStore(keys.new_zeros(batch, heads, 0, head_dim), keys.new_zeros(batch, heads, 0, head_dim),
-                           torch.zeros(batch, heads, 0, dtype=torch.int32, device=keys.device))
-        return cls(keys[keep], values[keep], positions[keep], keep.sum(dim=-1).cpu(), empty)
+        return cls(keys[keep], values[keep], positions[keep], keep.sum(dim=-1).cpu())
 
     @classmethod
     def concat(cls, parts: list["RaggedStore"]) -> "RaggedStore":
         """Stack per-sample stores (each with an empty tail) into one batch."""
-        tail = DenseStore.from_rows([
-            StoreRow(p.tail.keys, p.tail.values, p.tail.positions) for p in parts
-        ])
+        if any(part.tail_length for part in parts):
+            raise ValueError("only stores with an empty tail can be stacked into a batch")
         return cls(torch.cat([p.flat_keys for p in parts]), torch.cat([p.flat_values for p in parts]),
-                   torch.cat([p.flat_positions for p in parts]), torch.cat([p.lengths for p in parts]), tail)
+                   torch.cat([p.flat_positions for p in parts]), torch.cat([p.lengths for p in parts]))
 
     # -- what it holds -----------------------------------------------------------------------------------------
     @property
+    def flat_keys(self) -> torch.Tensor:
+        """The prefix keys ``(N, d)``, segment after segment."""
+        return self._keys[: self.prefix_size]
+
+    @property
+    def flat_values(self) -> torch.Tensor:
+        return self._values[: self.prefix_size]
+
+    @property
+    def tail_keys(self) -> torch.Tensor:
+        """The appended keys as ``(B, Hkv, T, d)`` (a view)."""
+        return self._tail_blocks(self._keys)[:, : self.tail_length].transpose(1, 2)
+
+    @property
+    def tail_values(self) -> torch.Tensor:
+        return self._tail_blocks(self._values)[:, : self.tail_length].transpose(1, 2)
+
+    @property
+    def tail_positions(self) -> torch.Tensor:
+        """Positions of the appended tokens, ``(B, T)`` (the same for every head)."""
+        return self._tail_positions[:, : self.tail_length]
+
+    @property
+    def tail_valid(self) -> torch.Tensor | None:
+        """Which appended tokens are real, ``(B, T)``, or None when all are."""
+        return None if self._tail_valid is None else self._tail_valid[:, : self.tail_length]
+
+    @property
     def length(self) -> int:
         """Slots of the longest head (prefix + tail)."""
-        return int(self.lengths.max()) + self.tail.length
+        return int(self.lengths.max()) + self.tail_length
 
     def head_lengths(self) -> torch.Tensor:
         """Tokens held per (sample, KV head), ``(B, Hkv)``."""
-        return self.lengths + self.tail.length
+        return self.lengths + self.tail_length
 
     def kept_per_sample(self) -> list[float]:
-        """Mean tokens per KV head of each sample (tail padding not counted)."""
-        tail = self.tail.length if self.tail.valid is None else None
-        result = []
-        for b in range(self.lengths.shape[0]):
-            extra = tail if tail is not None else int(self.tail.valid[b].sum())
-            result.append(float(self.lengths[b].float().mean()) + extra)
-        return result
+        """Mean tokens per KV head of each sample (invalid tail tokens not counted)."""
+        valid = self.tail_valid
+        return [float(self.lengths[b].float().mean()) + (self.tail_length if valid is None else int(valid[b].sum()))
+                for b in range(self.lengths.shape[0])]
 
     def nbytes(self) -> int:
-        tensors = [self.flat_keys, self.flat_values, self.flat_positions, self.lengths]
-        return sum(t.untyped_storage().nbytes() for t in tensors) + self.layout.nbytes() + self.tail.nbytes()
+        tensors = [self._keys, self._values, self.flat_positions, self.lengths, self._tail_positions, self._tail_valid]
+        return sum(t.untyped_storage().nbytes() for t in tensors if t is not None) + self.layout.nbytes()
 
     def segment_positions(self, b: int, h: int) -> torch.Tensor:
         """Positions held by head ``h`` of sample ``b`` (prefix then tail)."""
         segment = b * self.lengths.shape[1] + h
         start = int(self.lengths.flatten()[:segment].sum())
         prefix = self.flat_positions[start : start + int(self.lengths.flatten()[segment])]
-        return torch.cat([prefix, self.tail.positions[b, h]])
+        return torch.cat([prefix, self.tail_positions[b]])
 
     def padded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """A left-padded dense view ``keys/values (B, Hkv, T, d)``, ``positions (B, Hkv, T)``, ``valid (B, Hkv, T)``
         (prefix then tail per head), for re-applying a head-wise method while decoding."""
         batch, heads = self.lengths.shape
         longest = int(self.lengths.max())
-        total = longest + self.tail.length
-        device, head_dim = self.flat_keys.device, self.flat_keys.shape[-1]
-        keys = self.flat_keys.new_zeros(batch, heads, total, head_dim)
+        total = longest + self.tail_length
+        device, head_dim = self._keys.device, self._keys.shape[-1]
+        keys = self._keys.new_zeros(batch, heads, total, head_dim)
         values = torch.zeros_like(keys)
         positions = torch.full((batch, heads, total), -1, dtype=torch.int32, device=device)
         valid = torch.zeros(batch, heads, total, dtype=torch.bool, device=device)
@@ -158,69 +212,113 @@ class RaggedStore:
         values[b, h, slot] = self.flat_values
         positions[b, h, slot] = self.flat_positions
         valid[b, h, slot] = True
-        keys[:, :, longest:] = self.tail.keys
-        values[:, :, longest:] = self.tail.values
-        positions[:, :, longest:] = self.tail.positions
-        valid[:, :, longest:] = True if self.tail.valid is None else self.tail.valid[:, None, :]
+        keys[:, :, longest:] = self.tail_keys
+        values[:, :, longest:] = self.tail_values
+        positions[:, :, longest:] = self.tail_positions[:, None, :]
+        valid[:, :, longest:] = True if self.tail_valid is None else self.tail_valid[:, None, :]
         return keys, values, positions, valid
 
     # -- writing -----------------------------------------------------------------------------------------------
     def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
                valid: torch.Tensor | None = None) -> None:
-        self.tail.append(keys, values, positions, valid)
+        """Append ``n`` new tokens to every head (``keys (B, Hkv, n, d)``, ``positions (B, n)``, ``valid (B, n)``)."""
+        n = keys.shape[-2]
+        start, end = self.tail_length, self.tail_length + n
+        if end > self.layout.tail_capacity:
+            self._grow_tail(end + max(MIN_HEADROOM, (self.length + n) // HEADROOM_FRACTION))
+        self._tail_blocks(self._keys)[:, start:end] = keys.transpose(1, 2)
+        self._tail_blocks(self._values)[:, start:end] = values.transpose(1, 2)
+        self._tail_positions[:, start:end] = positions
+        if valid is not None and self._tail_valid is None and not bool(valid.all()):
+            self._tail_valid = torch.ones(self._tail_positions.shape, dtype=torch.bool, device=keys.device)
+        if self._tail_valid is not None:  # tail slots may have held invalid tokens before a truncate
+            step_valid = torch.ones_like(positions, dtype=torch.bool) if valid is None else valid.to(torch.bool)
+            self._tail_valid[:, start:end] = step_valid
+            self.layout.set_tail_validity(start, step_valid)
+        self.tail_length = end
 
     def reorder(self, batch_index: torch.Tensor) -> None:
         """Reorder the batch (beam search); the tail is folded into the prefix."""
-        batch_index = batch_index.to(self.flat_keys.device)
+        batch_index = batch_index.to(self._keys.device)
         keys, values, positions, valid = (t.index_select(0, batch_index) for t in self.padded())
         self.__dict__.update(RaggedStore.from_mask(keys, values, positions, valid).__dict__)
 
     def truncate(self, length: int) -> None:
         """Drop tail tokens beyond ``length`` slots of the longest head (the prefix is never cut)."""
-        self.tail.truncate(max(0, length - int(self.lengths.max())))
+        self.tail_length = min(self.tail_length, max(0, length - int(self.lengths.max())))
+
+    def _tail_blocks(self, buffer: torch.Tensor) -> torch.Tensor:
+        """The tail part of a buffer as ``(B, capacity, Hkv, d)`` (a view)."""
+        batch, heads = self.lengths.shape
+        return buffer[self.prefix_size :].view(batch, self.layout.tail_capacity, heads, buffer.shape[-1])
+
+    def _grow_tail(self, capacity: int) -> None:
+        """Re-allocate the buffers with room for ``capacity`` tail tokens per sample (the contents are kept)."""
+        batch, heads = self.lengths.shape
+
+        def grown(buffer: torch.Tensor) -> torch.Tensor:
+            bigger = buffer.new_zeros(self.prefix_size + batch * capacity * heads, buffer.shape[-1])
+            bigger[: self.prefix_size] = buffer[: self.prefix_size]
+            bigger[self.prefix_size :].view(batch, capacity, heads, -1)[:, : self.tail_length] = (
+                self._tail_blocks(buffer)[:, : self.tail_length])
+            return bigger
+
+        def widened(tensor: torch.Tensor, fill: int | bool) -> torch.Tensor:
+            wider = torch.full((batch, capacity), fill, dtype=tensor.dtype, device=tensor.device)
+            wider[:, : self.tail_length] = tensor[:, : self.tail_length]
+            return wider
+
+        self._keys, self._values = grown(self._keys), grown(self._values)
+        self._tail_positions = widened(self._tail_positions, -1)
+        if self._tail_valid is not None:
+            self._tail_valid = widened(self._tail_valid, True)
+        self.layout = RowLayout.build(self.lengths, capacity, self._keys.device, self._tail_valid)
 
     # -- attention ---------------------------------------------------------------------------------------------
     def attend(self, queries: torch.Tensor, spec: AttentionSpec, *, query_valid: torch.Tensor | None = None,
                query_positions: torch.Tensor | None = None, need_weights: bool = False
                ) -> tuple[torch.Tensor, None]:
-        """Attention of the new tokens (the last ``n`` tail slots) over prefix + tail; returns ``(B, Hq, n, d)``."""
+        """Attention of the new tokens (the last ``n`` tail tokens) over prefix + tail; returns ``(B, Hq, n, d)``."""
         if need_weights:
             raise ValueError("ragged storage does not return attention weights (no head-wise method needs them)")
         batch, num_q_heads, n, head_dim = queries.shape
         heads = self.lengths.shape[1]
-        groups, rows = num_q_heads // heads, num_q_heads // heads * n  # query rows per KV head: (group, token)
-        grouped = (_fp32(queries) / math.sqrt(head_dim)).reshape(batch, heads, rows, head_dim)
-        layout, tail = self.layout, self.tail
+        slots = self.layout.prefix_slots + self.tail_length * heads
+        keys, values = (self.layout.rows(buffer, slots)[:, None].expand(-1, heads, -1, -1)
+                        for buffer in (self._keys, self._values))
+        mask = self._row_mask(n, num_q_heads // heads, slots, spec, query_valid, query_positions)
+        grouped = queries.reshape(batch, heads, num_q_heads // heads * n, head_dim)  # rows: (group, token)
+        output = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask)
+        return output.view(batch, num_q_heads, n, head_dim), None
+
+    def _row_mask(self, n: int, groups: int, slots: int, spec: AttentionSpec, query_valid: torch.Tensor | None,
+                  query_positions: torch.Tensor | None) -> torch.Tensor:
+        """Which row slots each query row sees: ``(B, Hkv, 1 or groups·n, slots)`` bool.
+
+        Beyond the layout (own head only): causality among the ``n`` new tokens, the sliding window by position,
+        and padded query rows, which see everything so that they stay finite (their outputs are never used)."""
+        visible = self.layout.allowed[..., :slots]
         window = spec.sliding_window if query_positions is not None else None
-
-        # prefix: every query row against its sample's whole row, the other heads' slots masked
-        keys, values = layout.rows(_fp32(self.flat_keys)), layout.rows(_fp32(self.flat_values))
-        slots = keys.shape[-2]
-        logits = torch.matmul(grouped.reshape(batch, heads * rows, head_dim), keys.transpose(-1, -2))
-        logits = logits.view(batch, heads, rows, slots).masked_fill_(layout.blocked, float("-inf"))
+        if n == 1 and window is None and query_valid is None:  # decoding: the layout alone
+            return visible
+        visible = visible[:, :, :, None]  # (B, Hkv, 1, 1, slots): (group, token) rows
+        row_slots = torch.arange(slots, device=visible.device)
+        if n > 1:  # new token i is tail token T - n + i: it sees the prefix and the tail up to itself
+            tokens = self.tail_length - n + 1 + torch.arange(n, device=visible.device)
+            visible = visible & (row_slots < self.layout.prefix_slots + tokens[:, None] * visible.shape[1])
         if window is not None:
-            too_far = query_positions[:, :, None] - layout.rows(self.flat_positions).view(batch, 1, slots) >= window
-            logits.view(batch, heads, groups, n, slots).masked_fill_(too_far[:, None, None], float("-inf"))
+            near = query_positions[:, :, None] - self._row_positions(slots)[:, None, :] < window  # (B, n, slots)
+            visible = visible & near[:, None, None]
+        if query_valid is not None:
+            visible = visible | ~query_valid[:, None, None, :, None]
+        batch, heads = visible.shape[:2]
+        if visible.shape[3] == 1:
+            return visible[:, :, :, 0]
+        return visible.expand(batch, heads, groups, n, slots).reshape(batch, heads, groups * n, slots)
 
-        # tail: dense masked logits (the new tokens are its last n slots)
-        tail_logits = torch.matmul(grouped, _fp32(tail.keys).transpose(-1, -2))
-        windowed = window is not None
-        mask = build_mask(batch, n, tail.length, queries.device, key_valid=tail.valid, query_valid=query_valid,
-                          sliding_window=window, query_positions=query_positions if windowed else None,
-                          key_positions=tail.positions if windowed else None)
-        if mask is None and n > 1:  # plain causality among the new tokens
-            mask = torch.ones(n, tail.length, dtype=torch.bool, device=queries.device).tril(tail.length - n)[None, None]
-        if mask is not None:
-            tail_logits.view(batch, heads, groups, n, tail.length).masked_fill_(~mask[:, :, None], float("-inf"))
-
-        # one softmax over row and tail (every query row sees at least its own token), then both weighted sums
-        weights = torch.cat([logits, tail_logits], dim=-1).softmax(dim=-1)
-        output = torch.matmul(weights[..., :slots].reshape(batch, heads * rows, slots), values).view_as(grouped)
-        output = (output + torch.matmul(weights[..., slots:], _fp32(tail.values))).view(queries.shape)
-        return (output if output.dtype == queries.dtype else output.to(queries.dtype)), None
-
-
-def _fp32(tensor: torch.Tensor) -> torch.Tensor:
-    """Attention runs in fp32 (a no-op for fp32 tensors)."""
-    return tensor if tensor.dtype == torch.float32 else tensor.float()
-
+    def _row_positions(self, slots: int) -> torch.Tensor:
+        """The position held by each of the first ``slots`` row slots, ``(B, slots)`` (row padding: any)."""
+        heads = self.lengths.shape[1]
+        prefix = self.layout.rows(self.flat_positions, self.layout.prefix_slots)
+        tail = self.tail_positions.repeat_interleave(heads, dim=1)
+        return torch.cat([prefix, tail], dim=1)[:, :slots]
