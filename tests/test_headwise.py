@@ -104,6 +104,73 @@ def test_ragged_layout_follows_decode_time_compression() -> None:
         assert (ragged - padded_reference(store, queries, position)).abs().max().item() < 1e-5
 
 
+def test_ragged_attention_over_rows_longer_than_a_kernel_block() -> None:
+    """Rows of thousands of slots where one head's tokens all lie in the row's first block and the other's in later
+    blocks (the fused kernel then meets blocks its query rows see nothing of), at one and several new tokens."""
+    generator = torch.Generator().manual_seed(6)
+    n = 3000
+    keys, values = (torch.randn(1, HKV, n, 16, generator=generator) for _ in range(2))
+    keep = torch.zeros(1, HKV, n, dtype=torch.bool)
+    keep[0, 0, torch.randperm(n, generator=generator)[:5]] = True
+    keep[0, 1, 1000:] = True
+    store = RaggedStore.from_mask(keys, values, torch.arange(n).expand(1, HKV, -1), keep)
+    for new_tokens in (1, 4):
+        position = torch.arange(n, n + new_tokens)[None] + store.tail_length
+        store.append(torch.randn(1, HKV, new_tokens, 16, generator=generator),
+                     torch.randn(1, HKV, new_tokens, 16, generator=generator), position)
+        queries = torch.randn(1, HQ, new_tokens, 16, generator=generator)
+        ragged, _ = store.attend(queries, AttentionSpec("sdpa"), query_positions=position)
+        assert (ragged - padded_reference(store, queries, position)).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("sliding_window", [None, 30])
+def test_ragged_tail_grows_truncates_and_masks_invalid_tokens(sliding_window: int | None) -> None:
+    """Decoding past several re-allocations of the tail, then a rollback (truncate) and appends over the dropped
+    slots, some of them padding: attention always equals the padded view's, padding tokens are neither seen nor
+    counted, and the buffers hold the prefix plus the tail's capacity, no padding to the longest head."""
+    generator = torch.Generator().manual_seed(8)
+    batch, n = 2, 40
+    keys, values = (torch.randn(batch, HKV, n, 16, generator=generator) for _ in range(2))
+    keep = torch.rand(batch, HKV, n, generator=generator) < torch.tensor([0.3, 0.7])[:, None, None]
+    store = RaggedStore.from_mask(keys, values, torch.arange(n).expand(batch, HKV, -1), keep)
+    spec = AttentionSpec("sdpa", sliding_window)
+    prefix = int(keep.sum())
+
+    def step(new_tokens: int, valid: torch.Tensor | None = None) -> None:
+        position = torch.arange(new_tokens)[None].expand(batch, -1) + n + store.tail_length
+        store.append(torch.randn(batch, HKV, new_tokens, 16, generator=generator),
+                     torch.randn(batch, HKV, new_tokens, 16, generator=generator), position, valid)
+        queries = torch.randn(batch, HQ, new_tokens, 16, generator=generator)
+        ragged, _ = store.attend(queries, spec, query_positions=position, query_valid=valid)
+        expected = padded_reference(store, queries, position, sliding_window)
+        real = slice(None) if valid is None else valid[:, None, :, None].expand_as(ragged)
+        assert (ragged - expected)[real].abs().max().item() < 1e-5 and torch.isfinite(ragged).all()
+
+    for _ in range(30):
+        step(1)
+    assert store.layout.tail_capacity >= 30 and store._keys.shape[0] == prefix + batch * HKV * store.layout.tail_capacity
+    store.truncate(store.length - 4)
+    step(3, torch.tensor([[True, True, True], [False, True, True]]))
+    assert store.kept_per_sample() == [float(keep[b].sum(-1).float().mean()) + 29 - b for b in range(batch)]
+    for _ in range(12):
+        step(1)
+    assert not store.padded()[3][1, :, store.length - 15].any()
+
+
+def test_ragged_cache_bytes_count_the_tail_and_its_headroom() -> None:
+    """After decoding, the bytes are the prefix's plus the tail's allocation (keys, values, positions, layout)."""
+    model = tiny_model("llama")
+    with kvfactory.patch(model, "adakv", max_capacity_prompt=20) as handle:
+        greedy(model, random_prompt(60), 6)
+    total = 0
+    for store in handle.last_cache.stores:
+        tokens, capacity = int(store.lengths.sum()), store.layout.tail_capacity
+        assert store.tail_length == 5 and capacity - 5 <= max(8, store.length // 16)
+        slots = tokens + capacity * HKV
+        total += slots * 2 * 16 * 4 + tokens * 4 + 2 * 8 + capacity * 4 + HKV * slots
+    assert kvfactory.cache_nbytes(handle.last_cache) == total
+
+
 def adakv_reference(q, k, capacity, window=8, kernel=7, floor_ratio=0.2, normalize=True):
     """AdaKV written from KVCache-Factory's description with explicit loops."""
     scores = group(naive_causal_attention(q, k)[..., -window:, : N - window].mean(-2))
