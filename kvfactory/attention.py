@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kvfactory import kernels
 from kvfactory.methods.scoring import grouped_logits
 
 logger = logging.getLogger(__name__)
@@ -90,12 +91,16 @@ def attend(
     key_positions: torch.Tensor | None = None,
     need_weights: bool = False,
     need_lse: bool = False,
+    need_column_sums: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal attention of the last ``n`` tokens ``queries (B, Hq, n, d)`` over ``keys/values (B, Hkv, T, d)``.
 
     Returns the output ``(B, Hq, n, d)`` and, when ``need_weights``, the fp32 attention weights
     ``(B, Hkv, g, n, T)`` (computed on the eager path, whatever the implementation); when ``need_lse`` and the
-    sdpa kernel can give it (CPU), each query's log-sum-exp ``(B, Hq, n)`` fp32, else None.
+    sdpa kernel can give it (CPU), each query's log-sum-exp ``(B, Hq, n)`` fp32, else None. When
+    ``need_column_sums`` on sdpa and the fused C++ kernel handles the case (CPU, a plain causal prefill: no mask),
+    the second result is instead the column sums of the attention weights ``(B, Hkv, g, n)`` fp32, computed in the
+    same pass as the output (:mod:`kvfactory.kernels`); otherwise ``need_column_sums`` asks for nothing.
     """
     batch, num_q_heads, n, head_dim = queries.shape
     num_kv_heads, total = keys.shape[1], keys.shape[-2]
@@ -108,6 +113,9 @@ def attend(
         return _eager(queries, keys, values, mask, is_causal)
     if spec.implementation == "flash_attention_2" and mask is None:
         return _flash(queries, keys, values, is_causal), None
+    if need_column_sums and spec.implementation == "sdpa" and mask is None and _fused_column_sums(queries, keys):
+        output, column_sums = kernels.causal_attention_column_sums(queries, keys, values)
+        return output, column_sums.view(batch, num_kv_heads, num_q_heads // num_kv_heads, n)
     if need_lse and spec.implementation == "sdpa" and queries.device.type == "cpu":
         return _sdpa_with_lse_cpu(queries, keys, values, mask, is_causal)
     if mask is not None and mask.shape[1] > 1 and num_q_heads != num_kv_heads:
@@ -116,6 +124,11 @@ def attend(
         queries, keys, values, attn_mask=mask, is_causal=is_causal, enable_gqa=num_q_heads != num_kv_heads
     )
     return output, None
+
+
+def _fused_column_sums(queries: torch.Tensor, keys: torch.Tensor) -> bool:
+    """Whether the fused attention + column sums kernel can run here (checked cheaply first, compiled last)."""
+    return kernels.supports_fused_column_sums(queries, keys) and kernels.fused_column_sums_available()
 
 
 def _eager(

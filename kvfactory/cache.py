@@ -187,7 +187,7 @@ class CompressedCache(Cache):
             output, extra = attend(
                 queries, keys, values, self.spec, key_valid=valid, query_valid=valid,
                 query_positions=positions, key_positions=positions[:, None, :].expand(-1, keys.shape[1], -1),
-                need_lse=self.method.uses_prefill_attention,
+                need_lse=self.method.uses_prefill_attention, need_column_sums=self.method.uses_prefill_attention,
             )
             # H2O scores the full causal attention: what a sliding window hid from the kernel cannot be reused
             window = self.spec.sliding_window

@@ -69,7 +69,8 @@ class PrefillAttention:
     """What the prefill attention already computed, so that scoring need not compute it again.
 
     ``lse (B, Hq, n)`` is each query's log-sum-exp (the CPU flash kernel returns it); ``column_sums (B, Hq, n)`` is
-    the attention every token received, summed over the real queries (the eager path materializes the weights).
+    the attention every token received, summed over the real queries (the eager path materializes the weights; on
+    CPU sdpa the fused kernel of :mod:`kvfactory.kernels` sums them while it attends).
     Either may be None.
     """
 
@@ -78,10 +79,13 @@ class PrefillAttention:
 
     @classmethod
     def from_kernel(cls, extra: torch.Tensor, query_valid: torch.Tensor | None = None) -> PrefillAttention:
-        """From :func:`kvfactory.attention.attend`'s second result: eager weights ``(B, Hkv, g, n, T)`` or an
-        lse ``(B, Hq, n)``. Padded query rows (``query_valid`` False) attend everywhere, so they are left out."""
+        """From :func:`kvfactory.attention.attend`'s second result: eager weights ``(B, Hkv, g, n, T)``, column
+        sums ``(B, Hkv, g, n)`` (the fused kernel, unpadded prompts only) or an lse ``(B, Hq, n)``. Padded query
+        rows (``query_valid`` False) attend everywhere, so they are left out of the weights' sums."""
         if extra.dim() == 3:
             return cls(lse=extra)
+        if extra.dim() == 4:
+            return cls(column_sums=extra.flatten(1, 2))
         if query_valid is not None:
             extra = extra * query_valid[:, None, None, :, None]
         return cls(column_sums=extra.sum(dim=3).flatten(1, 2))
