@@ -47,13 +47,16 @@ def median(values: list[float]) -> float:
 
 
 def overhead(model, tokenizer, length: int, repeats: int) -> list[SpeedResult]:
-    """[1] patched fullkv ÷ unpatched, prefill and TPOT, interleaved so that drift hits both sides alike."""
+    """[1] patched fullkv ÷ unpatched, prefill and TPOT, interleaved in ABBA order (unpatched first in even rounds,
+    patched first in odd ones) so that drift and the position in a round hit both sides alike."""
     ids = prompt(tokenizer, length)
-    baseline = [run(model, ids, "unpatched", 32, 1, 1)]
-    patched = [run(model, ids, "fullkv", 32, 1, 0)]
-    for _ in range(repeats - 1):
-        baseline.append(run(model, ids, "unpatched", 32, 1, 0))
-        patched.append(run(model, ids, "fullkv", 32, 1, 0))
+    run(model, ids, "unpatched", 2, 1, 0)  # warm-up
+    baseline: list[SpeedResult] = []
+    patched: list[SpeedResult] = []
+    for round_index in range(repeats):
+        sides = [("unpatched", baseline), ("fullkv", patched)]
+        for name, results in sides if round_index % 2 == 0 else reversed(sides):
+            results.append(run(model, ids, name, 32, 1, 0))
     print(f"[1] {length} tokens, {repeats} interleaved runs")
     prefill_ratio = median([p.prefill_seconds for p in patched]) / median([b.prefill_seconds for b in baseline])
     tpot_ratio = median([p.tpot_seconds for p in patched]) / median([b.tpot_seconds for b in baseline])
@@ -104,6 +107,13 @@ def decode(model, tokenizer, length: int, budget: int) -> list[SpeedResult]:
     snap = run(model, ids, "snapkv", 16, 1, 0, max_capacity_prompt=budget)
     print(f"[3] decode at {ids.shape[1]} tokens: TPOT fullkv {full.tpot_seconds * 1000:.1f} ms, snapkv(C={budget}) "
           f"{snap.tpot_seconds * 1000:.1f} ms, ratio {snap.tpot_seconds / full.tpot_seconds:.3f}")
+    # A decode step reads every weight (the tied embedding once, as the output projection) and the whole cache: where
+    # both reads run at memory bandwidth the ratio cannot fall below this, whatever the implementation.
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    floor = (weights + snap.prefill_cache_bytes) / (weights + full.prefill_cache_bytes)
+    print(f"    memory-traffic floor of that ratio: weights {weights / 2**20:.0f} MiB + cache (fullkv "
+          f"{full.prefill_cache_bytes / 2**20:.0f} MiB, snapkv {snap.prefill_cache_bytes / 2**20:.1f} MiB) per step "
+          f"-> {floor:.3f}")
     print(f"[4] KV bytes snapkv / fullkv after prefill at {ids.shape[1]}: "
           f"{snap.prefill_cache_bytes / full.prefill_cache_bytes:.4f} (C/n = {budget / ids.shape[1]:.4f}); "
           f"after 15 decode steps (append headroom included): {snap.cache_bytes / full.cache_bytes:.4f}")
@@ -115,6 +125,8 @@ def main() -> int:
     parser.add_argument("--model_path", default="smollm2-135m")
     parser.add_argument("--budget", type=int, default=256, help="C for the compressed methods")
     parser.add_argument("--short", action="store_true", help="1k/2k/2k instead of 2k/4k/8k, one repeat")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="interleaved runs per method in [1] and [2], whose medians are compared (default 3)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"some of {','.join(PARTS)} (default: all)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
@@ -124,7 +136,9 @@ def main() -> int:
     torch.manual_seed(0)
     model, tokenizer = kvfactory.models.load(args.model_path, attn_implementation="sdpa")
     overhead_length, prefill_length, decode_length = (1024, 2048, 2048) if args.short else (2048, 4096, 8192)
-    repeats = 1 if args.short else 3
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    repeats = 1 if args.short else args.repeats
     rows: list[SpeedResult] = []
     if "overhead" in parts:
         rows += overhead(model, tokenizer, overhead_length, repeats)
