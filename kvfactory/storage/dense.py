@@ -19,6 +19,11 @@ MIN_HEADROOM = 8  # slots added beyond the needed length when a store grows
 HEADROOM_FRACTION = 16  # ... or length // HEADROOM_FRACTION, whichever is larger
 
 
+def headroom(length: int) -> int:
+    """Slots a store adds beyond the ``length`` it needs when it grows (the rule dense and ragged tails share)."""
+    return max(MIN_HEADROOM, length // HEADROOM_FRACTION)
+
+
 def _allocated_bytes(tensor: torch.Tensor | None) -> int:
     return 0 if tensor is None else tensor.untyped_storage().nbytes()
 
@@ -125,7 +130,7 @@ class DenseStore:
         n = keys.shape[-2]
         if self.length + n > self._keys.shape[-2]:
             needed = self.length + n
-            self._grow(needed + max(MIN_HEADROOM, needed // HEADROOM_FRACTION))
+            self._grow(needed + headroom(needed))
         end = self.length + n
         self._keys[:, :, self.length : end] = keys
         self._values[:, :, self.length : end] = values

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from kvfactory.attention import AttentionSpec
-from kvfactory.storage.dense import HEADROOM_FRACTION, MIN_HEADROOM
+from kvfactory.storage.dense import headroom
 
 
 @dataclass
@@ -225,7 +225,7 @@ class RaggedStore:
         n = keys.shape[-2]
         start, end = self.tail_length, self.tail_length + n
         if end > self.layout.tail_capacity:
-            self._grow_tail(end + max(MIN_HEADROOM, (self.length + n) // HEADROOM_FRACTION))
+            self._grow_tail(end + headroom(self.length + n))
         self._tail_blocks(self._keys)[:, start:end] = keys.transpose(1, 2)
         self._tail_blocks(self._values)[:, start:end] = values.transpose(1, 2)
         self._tail_positions[:, start:end] = positions
