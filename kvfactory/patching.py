@@ -19,34 +19,23 @@ from torch import nn
 from transformers.cache_utils import DynamicCache
 
 from kvfactory import methods as method_registry
+from kvfactory.architectures import adapter_for
 from kvfactory.architectures.base import ArchitectureAdapter
-from kvfactory.architectures.gpt_neox import GPTNeoXAdapter
-from kvfactory.architectures.llama import LlamaAdapter
-from kvfactory.architectures.mistral import MistralAdapter
 from kvfactory.attention import ATTENTION_IMPLEMENTATIONS, AttentionSpec, attend, flash_attn_available
 from kvfactory.cache import CompressedCache
 from kvfactory.methods.base import Compressor
+from kvfactory.models import ATTENTION_REQUEST
 from kvfactory.storage.base import DenseStorage, StorageFactory
 
 logger = logging.getLogger(__name__)
 
-ADAPTERS: tuple[ArchitectureAdapter, ...] = (LlamaAdapter(), MistralAdapter(), GPTNeoXAdapter())
 HANDLE_ATTRIBUTE = "_kvfactory_handle"
 
 
-def supported_architectures() -> list[str]:
-    return [name for adapter in ADAPTERS for name in adapter.model_classes]
-
-
-def adapter_for(model: nn.Module) -> ArchitectureAdapter:
-    """The adapter for ``model``'s class (exact class name match, subclasses by their bases)."""
-    for cls in type(model).__mro__:
-        for adapter in ADAPTERS:
-            if cls.__name__ in adapter.model_classes:
-                return adapter
-    raise ValueError(
-        f"unsupported model {type(model).__name__}; kvfactory patches {', '.join(supported_architectures())}"
-    )
+def attention_implementation(model: nn.Module) -> str:
+    """The attention kvfactory runs for ``model``: its own ``attn_implementation``, or the sdpa asked of
+    ``kvfactory.models.load`` for a class transformers builds only with eager (Phi-3 in 4.44.2)."""
+    return getattr(model, ATTENTION_REQUEST, None) or model.config._attn_implementation
 
 
 @dataclass
@@ -87,7 +76,7 @@ class PatchHandle:
         config = model.config
         self.attention_modules = adapter.attention_modules(model)
         self.num_layers = len(self.attention_modules)
-        self.spec = AttentionSpec(config._attn_implementation, adapter.sliding_window(config))
+        self.spec = AttentionSpec(attention_implementation(model), adapter.sliding_window(config))
         self.storage: StorageFactory = DenseStorage()
         self.last_cache: CompressedCache | None = None
         self._step: _Step | None = None
@@ -233,7 +222,8 @@ def patch(model: nn.Module, method: str | Compressor = "fullkv", **params: Any) 
     Parameters
     ----------
     model:
-        A ``LlamaForCausalLM``, ``MistralForCausalLM`` or ``GPTNeoXForCausalLM`` loaded with ``attn_implementation``
+        A model of a class in ``kvfactory.architectures.supported_architectures()`` (Llama, Mistral, Mixtral,
+        Qwen2, Phi-3, GPT-NeoX) loaded with ``attn_implementation``
         eager, sdpa or flash_attention_2 (the latter needs the flash-attn package).
     method:
         A name from ``kvfactory.methods.names()`` or a compressor instance.
@@ -242,7 +232,7 @@ def patch(model: nn.Module, method: str | Compressor = "fullkv", **params: Any) 
         the storage parameters of ``kvfactory.quant`` (``quant_method``, ``nbits``, ...); unknown ones are an error.
     """
     adapter = adapter_for(model)
-    implementation = model.config._attn_implementation
+    implementation = attention_implementation(model)
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(
             f"attn_implementation {implementation!r} is not supported; use one of {', '.join(ATTENTION_IMPLEMENTATIONS)}"

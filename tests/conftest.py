@@ -6,14 +6,17 @@ import logging
 import pytest
 import torch
 
-ARCHITECTURES = ("llama", "mistral", "gpt-neox")
+from kvfactory.models import tiny_architectures
+
+ARCHITECTURES = tuple(tiny_architectures())  # one per adapter in kvfactory.architectures.ADAPTERS
 IMPLEMENTATIONS = ("eager", "sdpa")
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
 def tiny_model(arch: str, implementation: str = "sdpa", seed: int = 0) -> torch.nn.Module:
-    """A seeded tiny model: llama (4 heads / 2 KV heads), mistral (sliding window 16), gpt-neox (partial rotary)."""
+    """A seeded tiny model: llama (4 heads / 2 KV heads), mistral (sliding window 16), mixtral (4 experts), qwen2
+    (q/k/v biases), phi3 (fused qkv; sdpa served by kvfactory over a stock eager model), gpt-neox (partial rotary)."""
     from kvfactory import models
 
     return models.random_model(f"tiny-{arch}", seed=seed, attn_implementation=implementation)

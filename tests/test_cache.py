@@ -125,7 +125,7 @@ def test_positions_stay_right_after_eviction(arch: str) -> None:
     ids = random_prompt(40, seed=5)
     next_token = torch.tensor([[7]])
     kept = list(range(4)) + list(range(28, 40))
-    with kvfactory.patch(model, "streamingllm", max_capacity_prompt=16, sink_size=4), torch.no_grad():
+    with kvfactory.patch(model, "streamingllm", max_capacity_prompt=16, sink_size=4) as handle, torch.no_grad():
         cache = model(ids, use_cache=True).past_key_values
         patched = model(next_token, past_key_values=cache, use_cache=True).logits[0, -1]
     full = torch.cat([ids, next_token], dim=1)
@@ -134,7 +134,7 @@ def test_positions_stay_right_after_eviction(arch: str) -> None:
     allowed = torch.ones(41, 41).tril().bool()
     allowed[40] = False
     allowed[40, kept + [40]] = True
-    window = getattr(model.config, "sliding_window", None)
+    window = handle.spec.sliding_window
     if window is not None:  # Mistral: the reference mask needs the sliding window the patched model applies
         distance = torch.arange(41)[:, None] - torch.arange(41)[None, :]
         allowed &= distance < window

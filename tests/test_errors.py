@@ -74,7 +74,7 @@ def test_compress_rejects_bad_shapes() -> None:
 
 def test_unsupported_model_names_the_supported_ones() -> None:
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50, n_positions=32))
-    with pytest.raises(ValueError, match="unsupported model GPT2LMHeadModel.*LlamaForCausalLM, MistralForCausalLM, GPTNeoXForCausalLM"):
+    with pytest.raises(ValueError, match="unsupported model GPT2LMHeadModel.*LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, Qwen2ForCausalLM, Phi3ForCausalLM, GPTNeoXForCausalLM"):
         kvfactory.patch(model, "snapkv")
 
 

@@ -2,6 +2,8 @@
 how their forward is called and must answer. Nothing about compression lives here."""
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
@@ -58,6 +60,42 @@ def merge_heads(states: torch.Tensor) -> torch.Tensor:
     """``(B, H, n, d)`` → ``(B, n, H·d)``."""
     batch, heads, n, head_dim = states.shape
     return states.transpose(1, 2).reshape(batch, n, heads * head_dim)
+
+
+def flash_window(window: int | None) -> int | None:
+    """kvfactory's window ``w`` lets a query see keys at distance ``< w`` (Mistral's eager/sdpa mask in 4.44.2). The
+    flash-attn path of 4.44.2 (``window_size=(w, w)``) sees distance ``<= w``; the models windowed only on that path
+    (Phi-3, Mixtral, Qwen2) therefore get ``w + 1``."""
+    return None if window is None else window + 1
+
+
+def rotate_half(states: torch.Tensor) -> torch.Tensor:
+    """``[x1, x2]`` → ``[-x2, x1]`` over the last dimension (every RoPE model of transformers 4.44.2)."""
+    first, second = states.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """RoPE (or its inverse) with ``cos``/``sin`` broadcastable to ``states``."""
+    return states * cos + rotate_half(states) * (-sin if inverse else sin)
+
+
+def rotary_at(rotary: nn.Module, like: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos, sin`` at ``positions`` (any shape; result ``positions.shape + (d,)``) from a rotary module of one of two
+    kinds in 4.44.2: table-style ``forward(x, seq_len)`` returning the first ``seq_len`` rows (Qwen2, Mixtral,
+    GPT-NeoX), or position-style ``forward(x, position_ids (B, T))`` (Llama, Mistral, Phi-3)."""
+    index = positions.clamp_min(0).long()
+    if _takes_position_ids(type(rotary)):
+        flat = index.reshape(-1, index.shape[-1])
+        cos, sin = rotary(like, flat)
+        return cos.view(*index.shape, -1), sin.view(*index.shape, -1)
+    cos, sin = rotary(like, seq_len=int(index.max()) + 1)
+    return cos[index].to(like.dtype), sin[index].to(like.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_position_ids(rotary_class: type) -> bool:
+    return "position_ids" in inspect.signature(rotary_class.forward).parameters
 
 
 def warn_attention_weights_unavailable(output_attentions: bool) -> None:

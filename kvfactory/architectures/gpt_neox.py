@@ -6,9 +6,11 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import nn
 from transformers.cache_utils import Cache
-from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb, rotate_half
+from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb
 
-from kvfactory.architectures.base import ArchitectureAdapter, merge_heads, warn_attention_weights_unavailable
+from kvfactory.architectures.base import (
+    ArchitectureAdapter, apply_rotary, merge_heads, rotary_at, warn_attention_weights_unavailable,
+)
 
 if TYPE_CHECKING:
     from kvfactory.patching import PatchHandle
@@ -46,11 +48,8 @@ class GPTNeoXAdapter(ArchitectureAdapter):
     def rotate(self, module: nn.Module, states: torch.Tensor, positions: torch.Tensor, inverse: bool = False
                ) -> torch.Tensor:
         rotary = module.rotary_ndims
-        index = positions.clamp_min(0).long()
-        cos, sin = module.rotary_emb(states, seq_len=int(index.max()) + 1)
-        cos, sin = cos[index].to(states.dtype), sin[index].to(states.dtype)
-        part = states[..., :rotary]
-        rotated = part * cos + rotate_half(part) * (-sin if inverse else sin)
+        cos, sin = rotary_at(module.rotary_emb, states, positions)
+        rotated = apply_rotary(states[..., :rotary], cos, sin, inverse)
         return torch.cat([rotated, states[..., rotary:]], dim=-1)
 
     def make_attention_forward(self, handle: "PatchHandle", module: nn.Module, layer_idx: int) -> Callable[..., Any]:

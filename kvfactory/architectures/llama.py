@@ -1,14 +1,16 @@
-"""Llama adapter (``LlamaForCausalLM``, transformers 4.44.2): q/k/v projections, RoPE, output projection."""
+"""Llama adapter (``LlamaForCausalLM``, transformers 4.44.2): q/k/v projections, RoPE, output projection.
+
+The other Llama-shaped attentions (Mistral, Mixtral, Qwen2, Phi-3) reuse its forward and override only what differs.
+"""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
 
 from kvfactory.architectures.base import (
-    ArchitectureAdapter, merge_heads, split_heads, warn_attention_weights_unavailable,
+    ArchitectureAdapter, apply_rotary, merge_heads, rotary_at, split_heads, warn_attention_weights_unavailable,
 )
 
 if TYPE_CHECKING:
@@ -23,26 +25,31 @@ class LlamaAdapter(ArchitectureAdapter):
 
     model_classes = ("LlamaForCausalLM",)
 
+    def split_projections(self, module: nn.Module, hidden_states: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Pre-RoPE ``q (B, Hq, n, d)`` and ``k, v (B, Hkv, n, d)``."""
+        queries = split_heads(module.q_proj(hidden_states), module.num_heads, module.head_dim)
+        keys = split_heads(module.k_proj(hidden_states), module.num_key_value_heads, module.head_dim)
+        values = split_heads(module.v_proj(hidden_states), module.num_key_value_heads, module.head_dim)
+        return queries, keys, values
+
     def project(
         self, module: nn.Module, hidden_states: torch.Tensor, position_ids: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Post-RoPE ``q (B, Hq, n, d)`` and ``k, v (B, Hkv, n, d)``."""
-        queries = split_heads(module.q_proj(hidden_states), module.num_heads, module.head_dim)
-        keys = split_heads(module.k_proj(hidden_states), module.num_key_value_heads, module.head_dim)
-        values = split_heads(module.v_proj(hidden_states), module.num_key_value_heads, module.head_dim)
-        cos, sin = position_embeddings if position_embeddings is not None else module.rotary_emb(values, position_ids)
-        queries, keys = apply_rotary_pos_emb(queries, keys, cos, sin)
-        return queries, keys, values
+        queries, keys, values = self.split_projections(module, hidden_states)
+        if position_embeddings is not None:
+            cos, sin = position_embeddings
+        else:
+            cos, sin = rotary_at(module.rotary_emb, values, position_ids)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return apply_rotary(queries, cos, sin), apply_rotary(keys, cos, sin), values
 
     def rotate(self, module: nn.Module, states: torch.Tensor, positions: torch.Tensor, inverse: bool = False
                ) -> torch.Tensor:
-        batch, heads, length, head_dim = states.shape
-        flat = positions.clamp_min(0).reshape(batch * heads, length).long()
-        cos, sin = module.rotary_emb(states, flat)
-        cos = cos.view(batch, heads, length, head_dim)
-        sin = sin.view(batch, heads, length, head_dim)
-        return states * cos + rotate_half(states) * (-sin if inverse else sin)
+        cos, sin = rotary_at(module.rotary_emb, states, positions)
+        return apply_rotary(states, cos, sin, inverse)
 
     def make_attention_forward(self, handle: "PatchHandle", module: nn.Module, layer_idx: int) -> Callable[..., Any]:
         def forward(
