@@ -189,7 +189,9 @@ def git_commit() -> str:
 def write_run_meta(folder: Path, args: argparse.Namespace, extra: dict[str, Any] | None = None,
                    filename: str = "run_meta.json") -> Path:
     """``run_meta.json``: git commit, arguments, library versions, device, timestamp (one file per run folder;
-    ``filename`` names it differently where several runs share a folder)."""
+    ``filename`` names it differently where several runs share a folder). A resumed or extended run (say a needle
+    folder grown from 4k to 8k by a second command) keeps the earlier invocations under ``earlier_runs``, oldest
+    first, so every command that wrote into the folder stays on record."""
     import transformers
 
     import kvfactory
@@ -203,6 +205,13 @@ def write_run_meta(folder: Path, args: argparse.Namespace, extra: dict[str, Any]
     }
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / filename
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        previous = None
+    if isinstance(previous, dict):
+        earlier = previous.pop("earlier_runs", [])
+        meta["earlier_runs"] = [*(earlier if isinstance(earlier, list) else []), previous]
     path.write_text(json.dumps(meta, indent=2, default=str))
     return path
 

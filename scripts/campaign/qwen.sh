@@ -5,8 +5,10 @@
 #
 # Steps (each one runner call per method/budget; rerunning skips what is already in the results folder):
 #   passkey4k   passkey at 4k x 5 depths: fullkv, snapkv, pyramidkv, adakv, h2o, streamingllm (C=256)
-#   needle      needle 2k/4k/8k x 5 depths, the same six methods at C=256
+#   needle4k    needle at 4k x 5 depths, the same six methods at C=256
 #   sweep       needle at 4k, snapkv C=64/128/512/1024
+#   needle2k    needle at 2k x 5 depths, the six methods at C=256
+#   needle8k    needle at 8k x 5 depths, the six methods at C=256
 #   ruler       RULER 4k, 13 tasks x 5 samples: fullkv, snapkv, streamingllm at C=512, then adakv, pyramidkv
 #   longbench   multifieldqa_zh and multi_news, 20 samples each (prompts middle-truncated to 4096 tokens): fullkv;
 #               snapkv, pyramidkv, streamingllm at C=128 and 1024; adakv at C=128
@@ -43,11 +45,10 @@ needle() {  # method capacity lengths
 
 step_passkey4k() { passkey 4096; }
 step_passkey() { passkey 2048; passkey 8192; }
-step_needle() {
-    for length in 4096 2048 8192; do
-        for method in "${METHODS[@]}"; do needle "$method" 256 "$length"; done
-    done
-}
+needles() { for method in "${METHODS[@]}"; do needle "$method" 256 "$1"; done; }
+step_needle4k() { needles 4096; }
+step_needle2k() { needles 2048; }
+step_needle8k() { needles 8192; }
 step_sweep() { for capacity in 64 128 512 1024; do needle snapkv "$capacity" 4096; done; }
 step_ruler() {
     for spec in fullkv:512 snapkv:512 streamingllm:512 adakv:512 pyramidkv:512; do
@@ -63,9 +64,10 @@ step_longbench() {
     done
 }
 
+ALL_STEPS=(passkey4k needle4k sweep needle2k ruler longbench needle8k passkey)
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(passkey4k needle sweep ruler longbench passkey)
+[ ${#steps[@]} -gt 0 ] || steps=("${ALL_STEPS[@]}")
 for step in "${steps[@]}"; do
-    declare -F "step_$step" >/dev/null || { echo "unknown step '$step' (accepted: passkey4k needle sweep ruler longbench passkey)" >&2; exit 2; }
+    declare -F "step_$step" >/dev/null || { echo "unknown step '$step' (accepted: ${ALL_STEPS[*]})" >&2; exit 2; }
     "step_$step"
 done
