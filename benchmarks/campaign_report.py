@@ -180,11 +180,11 @@ def needle_figures(folders: dict[tuple[str, str], Path], figures: Path) -> list[
     main = [folders[key] for key in sorted(folders, key=lambda bm: _order(bm[1]))
             if key[0] in ("full", "256")]
     if main:
-        written.append(str(plot_needle_comparison(main, figures / "needle_qwen_c256.png", layout="vertical")))
+        written.append(str(plot_needle_comparison(main, figures / "needle_qwen_c256.png", layout="horizontal")))
     sweep = [folders[key] for key in sorted(folders, key=lambda bm: int(bm[0]) if bm[0].isdigit() else 0)
              if key[1] == "snapkv"]
     if len(sweep) > 1:
-        written.append(str(plot_needle_comparison(sweep, figures / "needle_qwen_snapkv_sweep.png", layout="vertical")))
+        written.append(str(plot_needle_comparison(sweep, figures / "needle_qwen_snapkv_sweep.png", layout="horizontal")))
     return written
 
 
