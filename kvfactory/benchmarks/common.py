@@ -112,13 +112,34 @@ def resolve_dtype(dtype: str, device_map: str | None) -> str:
     return "bfloat16" if torch.cuda.is_available() and device_map != "cpu" else "float32"
 
 
+def check_model_arguments(args: argparse.Namespace) -> None:
+    """What can be checked before loading: flash-attn installed for ``flash_attention_2`` (ValueError naming the flag)."""
+    import importlib.util
+
+    if args.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ValueError("--attn_implementation flash_attention_2 needs the flash-attn package, which is not "
+                         "installed; accepted here: eager, sdpa")
+
+
 def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
-    """The model and tokenizer the arguments name (seeded, eval mode)."""
+    """The model and tokenizer the arguments name (seeded, eval mode).
+
+    Raises
+    ------
+    ValueError
+        Naming ``--model_path`` or ``--attn_implementation`` when the model cannot be loaded (a missing folder, a hub
+        id while offline, flash-attn absent), so the runners print one line instead of a traceback.
+    """
     from kvfactory import models
 
+    check_model_arguments(args)
     torch.manual_seed(args.seed)
-    return models.load(args.model_path, dtype=resolve_dtype(args.dtype, args.device_map),
-                       attn_implementation=args.attn_implementation, device_map=args.device_map)
+    try:
+        return models.load(args.model_path, dtype=resolve_dtype(args.dtype, args.device_map),
+                           attn_implementation=args.attn_implementation, device_map=args.device_map)
+    except (OSError, ImportError) as error:
+        raise ValueError(f"--model_path {args.model_path}: cannot load it ({str(error).splitlines()[0]}); pass a "
+                         "local checkpoint folder, smollm2-135m or random:<config>") from error
 
 
 def model_label(model_path: str) -> str:
