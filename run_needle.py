@@ -209,7 +209,10 @@ def main(argv: list[str] | None = None) -> int:
             return plot(args)
         except (ValueError, FileNotFoundError) as error:
             parser.error(str(error))
-    return run(args, parser)
+    try:
+        return run(args, parser)
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import logging
 import os
@@ -311,6 +312,7 @@ def ensure_folder(path: str | Path, flag: str = "--save_dir") -> Path:
     return path
 
 
+@functools.lru_cache(maxsize=1)
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
