@@ -105,6 +105,10 @@ def _differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
             old, new = stored.get("data") or {}, current.get("data") or {}
             changed += [f"data[{name}]: {old[name]} -> {new[name]}" for name in sorted(set(old) & set(new))
                         if old[name] != new[name]]
+        elif isinstance(stored.get(key), dict) and isinstance(current.get(key), dict):
+            old, new = stored[key], current[key]
+            changed += [f"{key}.{name}: {old.get(name)!r} -> {new.get(name)!r}" for name in sorted(set(old) | set(new))
+                        if old.get(name) != new.get(name)]
         elif stored.get(key) != current.get(key):
             changed.append(f"{key}: {stored.get(key)!r} -> {current.get(key)!r}")
     return changed
