@@ -280,3 +280,75 @@ def test_a_run_stopped_before_its_first_record_blocks_no_other_settings(workspac
     (folder / "run_meta_snapkv.json").write_text(json.dumps({"settings": {"params": {"window_size": 99}}}))
     assert _main("longbench")(_argv("longbench", workspace, out, "--max_num_examples", "1")) == 0
     assert json.loads((folder / "run_meta_snapkv.json").read_text())["settings"]["params"]["window_size"] == 4
+
+
+# ------------------------------------------------------------------------------------------------ one-line errors
+def _one_line_error(call, capsys, *needles: str) -> None:
+    """``call()`` ends with exit status 2 and a stderr naming every needle, without a traceback."""
+    try:
+        code = call()
+    except SystemExit as stop:
+        code = stop.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+
+
+def _no_flash_attn() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is None
+
+
+@pytest.mark.parametrize("runner", ["longbench", "ruler", "needle"])
+def test_runner_errors_name_the_flag(runner, workspace, tmp_path, capsys, monkeypatch) -> None:
+    out = tmp_path / "out"
+    main = _main(runner)
+    if _no_flash_attn():
+        _one_line_error(lambda: main(_argv(runner, workspace, out, "--attn_implementation", "flash_attention_2")),
+                        capsys, "--attn_implementation flash_attention_2", "eager, sdpa")
+    (tmp_path / "file").write_text("x")
+    _one_line_error(lambda: main([*_argv(runner, workspace, out), "--save_dir", str(tmp_path / "file" / "sub")]),
+                    capsys, "--save_dir", "is a file")
+    _one_line_error(lambda: main(_argv(runner, workspace, out, "--method_kwargs", '{"kernel_size": "5"}')), capsys,
+                    "kernel_size must be int")
+    _one_line_error(lambda: main(_argv(runner, workspace, out, "--model_path", str(tmp_path / "nowhere"))), capsys,
+                    str(tmp_path / "nowhere"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _one_line_error(lambda: main(_argv(runner, workspace, out, "--model_path", "some-org/some-model")), capsys,
+                    "some-org/some-model", "no model hub")
+    _one_line_error(lambda: main(_argv(runner, workspace, out, "--max_capacity_prompts", "0")), capsys,
+                    "--max_capacity_prompts must be a positive number")
+
+
+def test_needle_depth_out_of_range_and_a_malformed_jsonl_line(workspace, tmp_path, capsys) -> None:
+    import shutil
+
+    _one_line_error(lambda: _main("needle")(_argv("needle", workspace, tmp_path, "--depths", "150")), capsys,
+                    "--depths are percentages in [0, 100], got 150")
+    data = tmp_path / "data"
+    shutil.copytree(workspace / "longbench", data)
+    with open(data / "multifieldqa_en.jsonl", "a") as handle:
+        handle.write('{"_id": "broken", \n')
+    argv = _argv("longbench", workspace, tmp_path / "out")
+    argv[argv.index("--data_dir") + 1] = str(data)
+    _one_line_error(lambda: _main("longbench")(argv), capsys, f"{data / 'multifieldqa_en.jsonl'}:7: not valid JSON")
+
+
+def test_speed_ppl_and_main_errors_are_one_line(tmp_path, capsys) -> None:
+    import run_ppl
+    import run_speed
+
+    from kvfactory.__main__ import main as kvfactory_main
+
+    _one_line_error(lambda: run_speed.main(["--context_lengths", "abc"]), capsys, "--context_lengths", "abc")
+    _one_line_error(lambda: run_speed.main(["--model_path", str(tmp_path / "nowhere"), "--context_lengths", "8"]),
+                    capsys, "--model_path", str(tmp_path / "nowhere"))
+    _one_line_error(lambda: run_ppl.main(["suffix", "--model_path", "random:tiny-llama", "--data_dir",
+                                          str(tmp_path / "no_data")]), capsys, str(tmp_path / "no_data"))
+    if _no_flash_attn():
+        _one_line_error(lambda: kvfactory_main(["--model_path", "random:tiny-llama", "--attn_implementation",
+                                                "flash_attention_2"]), capsys, "flash-attn")
+    _one_line_error(lambda: kvfactory_main(["--methods", "snapkvv"]), capsys, "unknown method 'snapkvv'")

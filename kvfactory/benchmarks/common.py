@@ -138,6 +138,8 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
     try:
         return models.load(args.model_path, dtype=resolve_dtype(args.dtype, args.device_map),
                            attn_implementation=args.attn_implementation, device_map=args.device_map)
+    except ValueError as error:
+        raise ValueError(f"--model_path {args.model_path}: {error}") from error
     except (OSError, ImportError) as error:
         raise ValueError(f"--model_path {args.model_path}: cannot load it ({str(error).splitlines()[0]}); pass a "
                          "local checkpoint folder, smollm2-135m or random:<config>") from error

@@ -119,7 +119,13 @@ def load_records(data_dir: Path, dataset: str, limit: int | None = None) -> list
                 break
             if not line.strip():
                 continue
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not valid JSON ({error.msg}); LongBench files hold one JSON "
+                                 "object per line") from error
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{number}: a JSON {type(record).__name__}, not an object (LongBench format)")
             missing = [f for f in ("_id", "context", "input", "answers", "length") if f not in record]
             if missing:
                 raise ValueError(f"{path}:{number}: record lacks {', '.join(missing)} (LongBench format)")

@@ -27,7 +27,10 @@ from kvfactory.benchmarks.common import (
     Job, ResultsFile, budget_label, ensure_folder, load_model, method_label, model_label, model_stop_token_ids,
     parse_list, patch_parameters, run_jobs,
 )
+from kvfactory import methods
 from kvfactory.benchmarks.provenance import file_fingerprint, model_settings, record_run
+
+from kvfactory.quant import QUANT_PARAMETERS
 
 from . import MissingTaskData, TASKS, generate, read_jsonl, write_jsonl
 from .constants import MODEL_TEMPLATES, tokens_to_generate
@@ -215,7 +218,8 @@ def _method_namespaces(args: argparse.Namespace) -> list[argparse.Namespace]:
     for name in dict.fromkeys(names):
         one = copy.copy(args)
         one.method = name
-        patch_parameters(one)  # an unknown method or a bad flag fails before any work
+        name, params = patch_parameters(one)  # an unknown method or a bad flag fails before any work
+        methods.get(name, **{k: v for k, v in params.items() if k not in (*QUANT_PARAMETERS, "nbits")})
         out.append(one)
     return out
 
