@@ -5,7 +5,7 @@ data:
 
 1. an uninterrupted reference run;
 2. ``--kills`` trials, each in a fresh folder: a run ``kill -9``-ed at a uniformly random time between half the
-   reference's time to its first record (the model is loading) and the reference's duration, then a resume that
+   reference's time to its first record (the model is loading) and the time of its last record, then a resume that
    finishes;
 3. (``--concurrent``) two runs started together into one fresh folder, both left to finish.
 
@@ -170,24 +170,26 @@ def wait(pid: int) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
-def run_to_end(runner: str, argv: list[str], log: Path, save_dir: Path | None = None) -> tuple[float, float]:
-    """Run to the end; returns (seconds, seconds until the first record appeared under ``save_dir``)."""
-    started, first = time.perf_counter(), None
+def run_to_end(runner: str, argv: list[str], log: Path, save_dir: Path | None = None) -> tuple[float, float, float]:
+    """Run to the end; returns (seconds, seconds until the first and until the last record appeared under
+    ``save_dir``; both equal to the run's seconds when ``save_dir`` is None)."""
+    started, first, last, count = time.perf_counter(), None, None, 0
     pid = spawn(runner, argv, log)
-    while save_dir is not None and first is None:
+    while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
             code = os.waitstatus_to_exitcode(status)
             break
-        if _safe_read(runner, save_dir):
-            first = time.perf_counter() - started
+        if save_dir is not None:
+            now = len(_safe_read(runner, save_dir))
+            if now > count:
+                count, last = now, time.perf_counter() - started
+                first = last if first is None else first
         time.sleep(0.01)
-    else:
-        code = wait(pid)
     if code != 0:
         raise RuntimeError(f"{runner} exited {code}; see {log}:\n{log.read_text()[-3000:]}")
     seconds = time.perf_counter() - started
-    return seconds, seconds if first is None else first
+    return seconds, seconds if first is None else first, seconds if last is None else last
 
 
 @dataclass
@@ -225,7 +227,8 @@ def check_runner(runner: str, workspace: Path, kills: int, rng: random.Random, c
     out = workspace / "runs" / runner
     out.mkdir(parents=True, exist_ok=True)
     log = out / "log.txt"
-    seconds, first = run_to_end(runner, runner_argv(runner, workspace, out / "reference"), log, out / "reference")
+    seconds, first, last = run_to_end(runner, runner_argv(runner, workspace, out / "reference"), log,
+                                      out / "reference")
     reference = read_results(runner, out / "reference")
     if len(reference) != len({key for key, _ in reference}):
         raise RuntimeError(f"{runner}: the reference run itself holds duplicates")
@@ -234,7 +237,7 @@ def check_runner(runner: str, workspace: Path, kills: int, rng: random.Random, c
     for trial in range(kills):  # each trial: a fresh folder, one kill -9 at a random point, one resume
         killed = out / f"killed{trial}"
         pid = spawn(runner, runner_argv(runner, workspace, killed), log)
-        time.sleep(rng.uniform(first / 2, seconds))  # from model loading to the last write
+        time.sleep(rng.uniform(first / 2, last))  # from model loading to the last write
         os.kill(pid, signal.SIGKILL)
         wait(pid)
         report.kills += 1
