@@ -352,3 +352,67 @@ def test_speed_ppl_and_main_errors_are_one_line(tmp_path, capsys) -> None:
         _one_line_error(lambda: kvfactory_main(["--model_path", "random:tiny-llama", "--attn_implementation",
                                                 "flash_attention_2"]), capsys, "flash-attn")
     _one_line_error(lambda: kvfactory_main(["--methods", "snapkvv"]), capsys, "unknown method 'snapkvv'")
+
+
+# ------------------------------------------------------------------------------------------------ shell wrappers
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _fake_python(folder: Path) -> Path:
+    """Stands in for python: reports no GPU, prints its working folder and arguments."""
+    fake = folder / "python"
+    fake.write_text('#!/usr/bin/env bash\n[ "$1" = "-c" ] && exit 1\necho "$PWD" "$@"\n')
+    fake.chmod(0o755)
+    return fake
+
+
+@pytest.mark.parametrize("script, runner", [("scripts/longbench/eval.sh", "run_longbench.py"),
+                                            ("scripts/needle/eval.sh", "run_needle.py")])
+def test_eval_wrappers_keep_relative_paths_relative_to_the_caller(script, runner, tmp_path) -> None:
+    import subprocess
+
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(_fake_python(tmp_path))}
+    done = subprocess.run(["bash", str(REPO / script), "cpu", "snapkv", "96", "--save_dir", "mine"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    words = done.stdout.split()
+    assert words[0] == str(tmp_path) and words[1] == str(REPO / runner)  # run from the caller's folder
+    assert "mine" in words and not (REPO / "mine").exists()
+
+
+def test_ruler_wrappers_run_from_the_callers_folder(tmp_path) -> None:
+    import subprocess
+
+    fake = _fake_python(tmp_path)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin"}
+    done = subprocess.run(["bash", str(REPO / "scripts/ruler/metrics.sh"), "results_ruler/x_128"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(tmp_path), str(REPO / "run_ruler.py"), "--eval", "--results_dir",
+                                   "results_ruler/x_128"]
+    assert fake.is_file()
+
+
+def test_download_longbench_link_refuses_a_real_folder_and_offline_leaves_nothing(tmp_path) -> None:
+    import os
+    import subprocess
+
+    source = tmp_path / "copy"
+    (source / "config").mkdir(parents=True)
+    (source / "a.jsonl").write_text("{}\n")
+    existing = tmp_path / "data" / "LongBench"
+    existing.mkdir(parents=True)
+    env = {**os.environ, "LONGBENCH_LINK": str(existing)}
+    done = subprocess.run(["bash", str(REPO / "scripts/download_longbench.sh"), "--link", "copy"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 1 and "is not a link" in done.stderr and list(existing.iterdir()) == []
+    existing.rmdir()
+    done = subprocess.run(["bash", str(REPO / "scripts/download_longbench.sh"), "--link", "copy"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)  # relative to the caller
+    assert done.returncode == 0, done.stderr
+    assert existing.is_symlink() and existing.resolve() == source.resolve()
+    offline = {**os.environ, "LONGBENCH_CONFIG_URL": f"file://{tmp_path}/nowhere"}
+    done = subprocess.run(["bash", str(REPO / "scripts/download_longbench.sh"), "fetched"], capture_output=True,
+                          text=True, env=offline, cwd=tmp_path)
+    assert done.returncode == 1 and "could not fetch" in done.stderr
+    assert not (tmp_path / "fetched").exists()  # no empty config/ left behind
