@@ -416,3 +416,20 @@ def test_download_longbench_link_refuses_a_real_folder_and_offline_leaves_nothin
                           text=True, env=offline, cwd=tmp_path)
     assert done.returncode == 1 and "could not fetch" in done.stderr
     assert not (tmp_path / "fetched").exists()  # no empty config/ left behind
+
+
+# ------------------------------------------------------------------------------------------------ numerics
+def test_kivi_groups_beyond_fp16_range_dequantize_finite() -> None:
+    import torch
+
+    from kvfactory.quant.groups import quantize
+
+    values = torch.randn(1, 2, 32, 8)
+    values[0, 0, 0, 0], values[0, 0, 1, 0] = 1e5, -1e5  # one group spans +-1e5: its step is 66667, above fp16's max
+    for layout in ("channel", "token"):
+        quantized = quantize(values, 2, layout, 8 if layout == "token" else 32)
+        restored = quantized.dequantize()
+        assert torch.isfinite(restored).all() and quantized.scale.dtype == torch.float32
+        assert ((restored - values).abs() <= quantized.scale.float().amax() / 2 + 1e-2).all()
+    ordinary = quantize(torch.randn(1, 2, 32, 8), 2, "channel", 32)
+    assert ordinary.scale.dtype == torch.float16  # the usual case keeps KIVI's fp16 side data
