@@ -99,7 +99,11 @@ def resolve_grid(args: argparse.Namespace) -> tuple[list[int], list[float]]:
         return lengths, depth_grid(10 if args.num_depths is None else args.num_depths)
     if args.num_depths is not None:
         raise ValueError("give either --depths or --num_depths, not both")
-    return lengths, parse_numbers(args.depths, float, "--depths", "0,50,100")
+    depths = parse_numbers(args.depths, float, "--depths", "0,50,100")
+    bad = [f"{depth:g}" for depth in depths if not 0.0 <= depth <= 100.0]
+    if bad:
+        raise ValueError(f"--depths are percentages in [0, 100], got {', '.join(bad)}")
+    return lengths, depths
 
 
 def plot(args: argparse.Namespace) -> int:
@@ -122,39 +126,69 @@ def run_budget(name: str, params: dict[str, Any]) -> int | str | None:
     return params.get("max_capacity_prompt", "default")
 
 
+#: Needle flags that change answers: a resume must match them (the grid may grow: each cell stands alone).
+PROTOCOL_ARGS = ("needle", "retrieval_question", "answer_prefix", "no_chat_template", "max_new_tokens", "haystack")
+
+
+def run_settings(args: argparse.Namespace, name: str, params: dict[str, Any], haystack_dir: Any) -> dict[str, Any]:
+    """The settings that define a needle run's cells; ``data`` fingerprints the essay files (see
+    :mod:`kvfactory.benchmarks.provenance`)."""
+    from kvfactory.benchmarks.provenance import file_fingerprint, model_settings
+
+    data = {}
+    if args.haystack == "essays":
+        data = {f"essays/{path.name}": file_fingerprint(path) for path in sorted(Path(haystack_dir).glob("*.txt"))}
+    return {**model_settings(args), "method": name, "params": params,
+            **{key: getattr(args, key) for key in PROTOCOL_ARGS}, "data": data}
+
+
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import kvfactory
     from kvfactory import plots
     from kvfactory.benchmarks import needle
-    from kvfactory.benchmarks.common import (load_model, method_label, model_label, model_stop_token_ids,
-                                             patch_parameters, write_run_meta)
+    from kvfactory.benchmarks.common import (ensure_folder, load_model, method_label, model_label,
+                                             model_stop_token_ids, patch_parameters)
+    from kvfactory.benchmarks.provenance import record_run
+    from kvfactory.quant import QUANT_PARAMETERS
     from kvfactory.benchmarks.needle_haystack import HaystackNotFound, default_haystack_dir, load_haystack_text
 
     haystack_dir = args.haystack_dir
     try:  # every argument checked before the model loads
         lengths, depths = resolve_grid(args)
         name, params = patch_parameters(args)
+        kvfactory.methods.get(name, **{k: v for k, v in params.items() if k not in (*QUANT_PARAMETERS, "nbits")})
         if args.haystack == "essays":
             haystack_dir = haystack_dir or default_haystack_dir()
             load_haystack_text(haystack_dir)  # raises HaystackNotFound with the flags that fix it
         elif haystack_dir is not None:
             raise ValueError("--haystack_dir is for --haystack essays; --haystack noise needs no files")
+        if args.max_new_tokens < 1 or args.eval_batch_size < 1:
+            raise ValueError(f"--max_new_tokens and --eval_batch_size must be at least 1, got {args.max_new_tokens} "
+                             f"and {args.eval_batch_size}")
+        model_name, method, budget = model_label(args.model_path), method_label(name, params), run_budget(name, params)
+        version = args.model_version or "_".join(str(part) for part in (model_name, method, budget) if part is not None)
+        results_dir = ensure_folder(args.save_dir) / version
+        settings = run_settings(args, name, params, haystack_dir)
+        meta_path = results_dir / "run_meta.json"
+
+        def has_results() -> bool:
+            return results_dir.is_dir() and any(results_dir.glob("*_results.json"))
+
+        record_run(meta_path, settings, args=args, has_results=has_results, check_only=True)
+        model, tokenizer = load_model(args)
     except (ValueError, HaystackNotFound) as error:
         parser.error(str(error))
-    model_name, method, budget = model_label(args.model_path), method_label(name, params), run_budget(name, params)
-    version = args.model_version or "_".join(str(part) for part in (model_name, method, budget) if part is not None)
-    model, tokenizer = load_model(args)
     if tokenizer is None:
         parser.error(f"{args.model_path} comes without a tokenizer; the needle test needs a real checkpoint")
     haystack = needle.haystack_ids(tokenizer, args.haystack, haystack_dir, min_tokens=max(lengths))
     spec = needle.NeedleRun(
-        results_dir=args.save_dir / version, lengths=lengths, depths=depths, model=model_name, method=method,
+        results_dir=results_dir, lengths=lengths, depths=depths, model=model_name, method=method,
         budget=budget, version=version, needle=args.needle, question=args.retrieval_question,
         answer_prefix=args.answer_prefix, max_new_tokens=args.max_new_tokens, use_chat_template=not args.no_chat_template,
         haystack=f"essays:{haystack_dir}" if args.haystack == "essays" else "noise")
-    write_run_meta(spec.results_dir, args, extra={"method_params": params, "lengths": spec.lengths,
-                                                  "depths": spec.depths, "haystack": spec.haystack,
-                                                  "haystack_tokens": len(haystack)})
+    record_run(meta_path, settings, args=args, has_results=has_results,
+               extra={"method_params": params, "lengths": spec.lengths, "depths": spec.depths,
+                      "haystack": spec.haystack, "haystack_tokens": len(haystack)})
     with kvfactory.patch(model, name, **params) as handle:
         ran = needle.run_needle(model, tokenizer, handle, spec, haystack,
                                 stop_token_ids=model_stop_token_ids(model, tokenizer),
@@ -175,7 +209,10 @@ def main(argv: list[str] | None = None) -> int:
             return plot(args)
         except (ValueError, FileNotFoundError) as error:
             parser.error(str(error))
-    return run(args, parser)
+    try:
+        return run(args, parser)
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
 
 
 if __name__ == "__main__":

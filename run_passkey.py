@@ -72,22 +72,37 @@ def run(args: argparse.Namespace, lengths: list[int], depths: list[int]) -> tupl
     from kvfactory.benchmarks import passkey
     from kvfactory.benchmarks.common import (
         ResultsFile, budget_label, load_model, method_label, model_label, model_stop_token_ids, patch_parameters,
-        run_jobs, write_run_meta,
+        run_jobs,
     )
-    from kvfactory.benchmarks.needle_haystack import load_haystack_text
+    from kvfactory.benchmarks.needle_haystack import default_haystack_dir, load_haystack_text
+    from kvfactory.benchmarks.provenance import file_fingerprint, model_settings, record_run
 
     name, params = patch_parameters(args)
-    haystack = load_haystack_text(args.haystack_dir) if args.haystack == "essays" else None
+    haystack_dir = (args.haystack_dir or default_haystack_dir()) if args.haystack == "essays" else None
+    haystack = load_haystack_text(haystack_dir) if args.haystack == "essays" else None
     folder = Path(args.save_dir) / f"{model_label(args.model_path)}_{budget_label(args)}"
     label = method_label(name, params)
+    results_path = folder / f"{label}.jsonl"
+    meta_path = folder / f"run_meta_{label}.json"
+    # what defines the answers: a resume must match it (the grid of lengths, depths and seeds may grow)
+    settings = {**model_settings(args), "method": name, "params": params, "haystack": args.haystack,
+                "max_new_tokens": args.max_new_tokens,
+                "data": {f"essays/{path.name}": file_fingerprint(path)
+                         for path in sorted(Path(haystack_dir).glob("*.txt"))} if haystack_dir else {}}
+
+    def has_results() -> bool:
+        return results_path.is_file() and results_path.stat().st_size > 0
+
+    record_run(meta_path, settings, args=args, has_results=has_results, check_only=True)  # before the model loads
     model, tokenizer = load_model(args)
     if tokenizer is None:
         raise ValueError(f"{args.model_path!r} has no tokenizer; the passkey grid needs a real checkpoint")
     stops = model_stop_token_ids(model, tokenizer)
     jobs = passkey.grid_jobs(tokenizer, lengths, depths, args.seeds, stops, haystack=haystack,
                              max_new_tokens=args.max_new_tokens)
-    write_run_meta(folder, args, {"method": name, "params": params}, filename=f"run_meta_{label}.json")
-    results = ResultsFile(folder / f"{label}.jsonl", "_id")
+    record_run(meta_path, settings, args=args, has_results=has_results,
+               extra={"lengths": lengths, "depths": depths, "seeds": args.seeds})
+    results = ResultsFile(results_path, "_id")
     with kvfactory.patch(model, name, **params) as handle:
         run_jobs(model, tokenizer, handle, jobs, results, batch_size=args.eval_batch_size, description=label)
     wanted = {job.key for job in jobs}

@@ -84,6 +84,12 @@ def prompt_source(args: argparse.Namespace, model: Any, tokenizer: Any, longest:
     return (lambda n: ids[:, :n].to(device)), "random"
 
 
+def _error(message: str) -> int:
+    """One line on stderr, exit status 2 (argparse's convention for bad arguments)."""
+    print(f"run_speed.py: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     from kvfactory.benchmarks.common import parse_list, write_run_meta
     from kvfactory.benchmarks.efficiency_plots import plot_latency_vs_context
@@ -96,11 +102,18 @@ def main(argv: list[str] | None = None) -> int:
     specs = [parse_method_spec(spec) for spec in args.methods]
     if not any(spec.label == "fullkv" for spec in specs):
         specs.insert(0, MethodSpec("fullkv", {}, "fullkv"))
-    lengths = parse_list(args.context_lengths, int)
+    try:
+        lengths = parse_list(args.context_lengths, int)
+    except ValueError:
+        lengths = []
     if not lengths or min(lengths) < 2:
-        raise ValueError("--context_lengths needs comma-separated lengths of at least 2 tokens")
-    model, tokenizer, label = load(args)
-    prompt, source = prompt_source(args, model, tokenizer, max(lengths))
+        return _error(f"--context_lengths needs comma-separated integers of at least 2 (e.g. 512,1024), got "
+                      f"{args.context_lengths!r}")
+    try:
+        model, tokenizer, label = load(args)
+        prompt, source = prompt_source(args, model, tokenizer, max(lengths))
+    except (ValueError, FileNotFoundError) as error:
+        return _error(str(error))
     device = next(model.parameters()).device
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     folder = args.output_dir / "speed"

@@ -20,7 +20,9 @@ _LAZY_ATTRIBUTES = {
     "CompressedCache": ("kvfactory.cache", "CompressedCache"),
     "cache_nbytes": ("kvfactory.cache", "cache_nbytes"),
 }
-_LAZY_MODULES = {"methods", "models"}
+#: Submodules reachable as attributes (``kvfactory.generation.answer_on_compressed_context`` as the README writes it).
+_LAZY_MODULES = {"methods", "models", "generation", "cache", "patching", "attention", "quant", "storage", "metrics",
+                 "benchmarks", "plots", "paths", "retrieval_heads", "architectures", "embedded"}
 
 __all__ = ["patch", "PatchHandle", "CompressedCache", "cache_nbytes", "methods", "models", "__version__"]
 

@@ -15,7 +15,7 @@ from kvfactory.generation import greedy_generate
 DEFAULT_METHODS = "fullkv,snapkv,pyramidkv,h2o,streamingllm"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kvfactory", description=__doc__)
     parser.add_argument("--model_path", default="smollm2-135m", help="model alias, local checkpoint or random:<config>")
     parser.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated method names")
@@ -29,16 +29,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="score pooling kernel of snapkv/pyramidkv (default 7, KVCache-Factory's; SmolLM2 spells "
                              "a number one digit per token, so 11 keeps all five digits of the key)")
     parser.add_argument("--attn_implementation", default="sdpa", choices=["eager", "sdpa", "flash_attention_2"])
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    from kvfactory.benchmarks.common import check_model_arguments
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     names = [name.strip() for name in args.methods.split(",") if name.strip()]
-    for name in names:
-        kvfactory.methods.method_class(name)  # fail before loading the model
-    model, tokenizer = kvfactory.models.load(args.model_path, attn_implementation=args.attn_implementation)
+    try:
+        for name in names:
+            kvfactory.methods.method_class(name)  # fail before loading the model
+        check_model_arguments(args)
+        model, tokenizer = kvfactory.models.load(args.model_path, attn_implementation=args.attn_implementation)
+    except (ValueError, OSError) as error:
+        parser.error(str(error).splitlines()[0])
+    if tokenizer is None:
+        parser.error(f"--model_path {args.model_path} has no tokenizer; the passkey prompt needs a real checkpoint")
     sample = make_passkey_sample(tokenizer, args.length, args.depth, seed=args.seed)
     stop = [tokenizer.eos_token_id]
     print(f"model {args.model_path}: passkey {sample.passkey} at depth {args.depth:.0%} "

@@ -188,7 +188,7 @@ def test_eval_sh_runs_then_metrics_sh_scores(workspace) -> None:
     assert long_one["truncated"] and long_one["input_tokens"] == 96 + 1 + 2  # <|user|> ... </s><|assistant|>
     assert long_one["kept_tokens"] == 16
     meta = json.loads((folder / "run_meta_snapkv.json").read_text())
-    assert meta["protocol"]["params"] == {"max_capacity_prompt": 16} and meta["stop_token_ids"] == [2]
+    assert meta["settings"]["params"] == {"max_capacity_prompt": 16} and meta["stop_token_ids"] == [2]
     assert meta["max_length"]["samsum"] == {"max_length": 96, "source": "--max_length"}
     result = subprocess.run(["bash", "scripts/longbench/metrics.sh", str(folder)], cwd=REPO_ROOT, env=env,
                             check=True, capture_output=True, text=True)
@@ -269,7 +269,7 @@ def test_query_agnostic_run_compresses_the_context_alone(workspace) -> None:
         "--max_capacity_prompts", "16", "--query_agnostic"]))
     records = _read(folder / "multifieldqa_en" / "snapkv.jsonl")
     assert len(records) == 2 and all(r["kept_tokens"] == 16 for r in records)
-    assert json.loads((folder / "run_meta_snapkv.json").read_text())["protocol"]["query_agnostic"] is True
+    assert json.loads((folder / "run_meta_snapkv.json").read_text())["settings"]["query_agnostic"] is True
 
 
 @needs_shared

@@ -199,7 +199,7 @@ def test_shell_scripts(tmp_path: Path) -> None:
     done = subprocess.run(["bash", str(REPO / "scripts/needle/eval.sh"), "cpu", "snapkv", "96", "none", "500", "1500",
                            "250", "--num_depths", "6"], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["run_needle.py", "--method", "snapkv", "--max_capacity_prompts", "96",
+    assert done.stdout.split() == [str(REPO / "run_needle.py"), "--method", "snapkv", "--max_capacity_prompts", "96",
                                    "--save_dir", str(tmp_path / "res"), "--s_len", "500", "--e_len", "1500",
                                    "--step", "250", "--num_depths", "6"]
     assert (tmp_path / "res" / "logs" / "smollm2-135m_snapkv_96.log").read_text() == done.stdout

@@ -93,6 +93,27 @@ def test_rollback_is_refused_after_a_decode_time_recompression() -> None:
 def test_beam_search_reorders_the_cache(name: str) -> None:
     model = tiny_model("llama")
     ids = random_prompt(40)
-    with kvfactory.patch(model, name, max_capacity_prompt=16), torch.no_grad():
-        output = model.generate(ids, num_beams=3, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
-    assert output.shape == (1, 45)
+    with kvfactory.patch(model, name, max_capacity_prompt=16) as handle, torch.no_grad():
+        output = model.generate(ids, num_beams=3, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0,
+                                length_penalty=0.0, output_scores=True, return_dict_in_generate=True)
+        assert output.sequences.shape == (1, 45)
+        # The winning beam re-scored alone, token by token on its own compressed cache: a cache row that followed
+        # another beam (a wrong reorder) would give other log-probabilities than beam search summed.
+        cache = handle.new_cache()
+        logits = model(ids, past_key_values=cache, use_cache=True).logits[:, -1]
+        total = 0.0
+        for token in output.sequences[0, 40:]:
+            total += torch.log_softmax(logits.float(), -1)[0, token].item()
+            logits = model(token.view(1, 1), past_key_values=cache, use_cache=True).logits[:, -1]
+    assert output.sequences_scores.item() == pytest.approx(total, abs=1e-3)
+
+
+def test_fullkv_beam_search_equals_unpatched_beam_search() -> None:
+    model = tiny_model("llama")
+    ids = random_prompt(40)
+    settings = dict(num_beams=3, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        plain = model.generate(ids, **settings)
+        with kvfactory.patch(model, "fullkv"):
+            patched = model.generate(ids, **settings)
+    assert torch.equal(plain, patched)

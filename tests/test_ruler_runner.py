@@ -63,7 +63,10 @@ def test_generate_answer_score_and_resume(model, tokenizer, tmp_path: Path) -> N
         rows = list(csv.reader(handle))
     assert rows[0] == ["method", "512/niah_single_1", "512/fwe", "512/average", "average"]
     assert [row[0] for row in rows[1:]] == ["fullkv", "snapkv"]
-    assert json.loads((run.run_dir / "run_meta.json").read_text())["args"]["method"] == "fullkv,snapkv"
+    for method in ("fullkv", "snapkv"):
+        meta = json.loads((run.run_dir / f"run_meta_{method}.json").read_text())
+        assert meta["args"]["method"] == "fullkv,snapkv" and meta["settings"]["method"] == method
+        assert set(meta["settings"]["data"]) == {"512/niah_single_1", "512/fwe"}
 
     # a crash in the middle of writing snapkv's last fwe answer: the rerun answers only that one
     path = run.run_dir / "512" / "fwe" / "snapkv.jsonl"

@@ -68,16 +68,7 @@ def test_results_file_resumes_and_repairs_a_crash(tmp_path) -> None:
 def test_run_meta_has_provenance(tmp_path) -> None:
     meta = json.loads(write_run_meta(tmp_path, parse("--method", "snapkv")).read_text())
     assert {"git_commit", "args", "torch", "transformers", "kvfactory", "device", "timestamp"} <= set(meta)
-    assert meta["args"]["method"] == "snapkv" and "earlier_runs" not in meta
-
-
-def test_run_meta_keeps_every_command_that_wrote_the_folder(tmp_path) -> None:
-    write_run_meta(tmp_path, parse("--method", "snapkv", "--max_capacity_prompts", "64"))
-    write_run_meta(tmp_path, parse("--method", "snapkv", "--max_capacity_prompts", "128"))
-    meta = json.loads(write_run_meta(tmp_path, parse("--method", "snapkv", "--max_capacity_prompts", "256")).read_text())
-    assert meta["args"]["max_capacity_prompts"] == 256
-    assert [run["args"]["max_capacity_prompts"] for run in meta["earlier_runs"]] == [64, 128]
-    assert all("earlier_runs" not in run for run in meta["earlier_runs"])
+    assert meta["args"]["method"] == "snapkv"
 
 
 def test_run_jobs_batches_resumes_and_records(tmp_path) -> None:

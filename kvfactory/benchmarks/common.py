@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import logging
 import os
@@ -72,11 +73,20 @@ def patch_parameters(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
                          "them per query head, KVCache-Factory's default, costs g× memory and is no more accurate)")
     name = methods.method_class(args.method).name
     params: dict[str, Any] = {}
+    budget, ratio = args.max_capacity_prompts, args.max_capacity_prompts_ratio
+    if ratio is not None and not 0.0 < ratio <= 1.0:
+        raise ValueError(f"--max_capacity_prompts_ratio must lie in (0, 1], got {ratio:g}")
+    if budget is not None and budget != -1 and budget < 1:
+        raise ValueError(f"--max_capacity_prompts must be a positive number of tokens, or -1 with "
+                         f"--max_capacity_prompts_ratio (KVCache-Factory's ratio mode), got {budget}")
+    if budget == -1 and ratio is None:
+        raise ValueError("--max_capacity_prompts -1 means 'use --max_capacity_prompts_ratio' (KVCache-Factory), "
+                         "but no ratio was given: pass --max_capacity_prompts_ratio R or a positive budget")
     if name != "fullkv":
-        if args.max_capacity_prompts_ratio is not None:
-            params["max_capacity_prompt_ratio"] = args.max_capacity_prompts_ratio
-        elif args.max_capacity_prompts is not None and args.max_capacity_prompts > 0:
-            params["max_capacity_prompt"] = args.max_capacity_prompts
+        if ratio is not None:
+            params["max_capacity_prompt_ratio"] = ratio
+        elif budget is not None:
+            params["max_capacity_prompt"] = budget
     for flag in _METHOD_FLAGS:
         value = getattr(args, flag, None)
         if value is not None:
@@ -88,9 +98,12 @@ def patch_parameters(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     elif args.nbits is not None:
         raise ValueError("--nbits needs --quant_method")
     if args.method_kwargs:
-        extra = json.loads(args.method_kwargs)
+        try:
+            extra = json.loads(args.method_kwargs)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--method_kwargs must be a JSON object, e.g. '{{\"sink_size\": 4}}' ({error})") from error
         if not isinstance(extra, dict):
-            raise ValueError("--method_kwargs must be a JSON object")
+            raise ValueError("--method_kwargs must be a JSON object, e.g. '{\"sink_size\": 4}'")
         params.update(extra)
     return name, params
 
@@ -101,13 +114,36 @@ def resolve_dtype(dtype: str, device_map: str | None) -> str:
     return "bfloat16" if torch.cuda.is_available() and device_map != "cpu" else "float32"
 
 
+def check_model_arguments(args: argparse.Namespace) -> None:
+    """What can be checked before loading: flash-attn installed for ``flash_attention_2`` (ValueError naming the flag)."""
+    import importlib.util
+
+    if args.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ValueError("--attn_implementation flash_attention_2 needs the flash-attn package, which is not "
+                         "installed; accepted here: eager, sdpa")
+
+
 def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
-    """The model and tokenizer the arguments name (seeded, eval mode)."""
+    """The model and tokenizer the arguments name (seeded, eval mode).
+
+    Raises
+    ------
+    ValueError
+        Naming ``--model_path`` or ``--attn_implementation`` when the model cannot be loaded (a missing folder, a hub
+        id while offline, flash-attn absent), so the runners print one line instead of a traceback.
+    """
     from kvfactory import models
 
+    check_model_arguments(args)
     torch.manual_seed(args.seed)
-    return models.load(args.model_path, dtype=resolve_dtype(args.dtype, args.device_map),
-                       attn_implementation=args.attn_implementation, device_map=args.device_map)
+    try:
+        return models.load(args.model_path, dtype=resolve_dtype(args.dtype, args.device_map),
+                           attn_implementation=args.attn_implementation, device_map=args.device_map)
+    except ValueError as error:
+        raise ValueError(f"--model_path {args.model_path}: {error}") from error
+    except (OSError, ImportError) as error:
+        raise ValueError(f"--model_path {args.model_path}: cannot load it ({str(error).splitlines()[0]}); pass a "
+                         "local checkpoint folder, smollm2-135m or random:<config>") from error
 
 
 def model_label(model_path: str) -> str:
@@ -133,51 +169,153 @@ def method_label(name: str, params: dict[str, Any]) -> str:
 
 
 class ResultsFile:
-    """A JSONL results file that survives interruptions.
+    """A JSONL results file that survives ``kill -9``, corrupt lines and concurrent writers.
 
-    Opening it repairs a corrupt last line (a crash mid-write), so a rerun loses at most the sample in flight;
-    ``done`` tells which keys are already written, so nothing is duplicated; every record is flushed and synced.
+    - Every append is one ``write`` of one whole line on an ``O_APPEND`` descriptor, then ``fsync``, under an
+      exclusive lock on ``{path}.lock`` (:class:`~kvfactory.benchmarks.locking.FileLock`).
+    - Before appending, the records other processes wrote since the last read are read in; a key already there is
+      not written again (:meth:`append` returns False), so two runs into one folder never duplicate a record.
+    - Opening repairs the file: a truncated last line (a writer killed mid-line), corrupt lines anywhere (each named
+      by file and line in a warning) and repeated keys (the first is kept) are dropped, every valid line is kept, and
+      the file is rewritten atomically. The dropped samples are simply not ``done``, so they are recomputed.
     """
 
     def __init__(self, path: Path, key: str) -> None:
+        from kvfactory.benchmarks.locking import FileLock
+
         self.path = Path(path)
         self.key = key
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.records = self._read_and_repair()
-        self._done = {record[key] for record in self.records if key in record}
+        self.lock = FileLock(self.path.with_name(self.path.name + ".lock"))
+        self.records: list[dict[str, Any]] = []
+        self._done: set[Any] = set()
+        self._inode: int | None = None
+        self._offset = 0
+        self._lines = 0
+        with self.lock:
+            self._load_and_repair()
 
-    def _read_and_repair(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        raw = self.path.read_bytes()
-        records, good_length = [], 0
-        for line in raw.splitlines(keepends=True):
+    # -- reading
+    def _parse(self, data: bytes, first_line: int) -> tuple[list[dict[str, Any]], int, bool]:
+        """Complete lines of ``data`` as records (bad and repeated ones dropped with a warning); also the bytes
+        consumed (up to the last newline) and whether anything was dropped."""
+        end = data.rfind(b"\n") + 1
+        records, dropped = [], False
+        for number, line in enumerate(data[:end].splitlines(), start=first_line):
+            if not line.strip():
+                dropped = True
+                continue
             try:
-                records.append(json.loads(line))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                logger.warning("%s: dropping a corrupt line (an interrupted write): %r", self.path, line[:80])
-                break
-            if not line.endswith(b"\n"):
-                records.pop()  # complete JSON but no newline: rewrite it cleanly
-                break
-            good_length += len(line)
-        if good_length != len(raw):
-            with open(self.path, "r+b") as handle:
-                handle.truncate(good_length)
-        return records
+                record = json.loads(line)
+                if not isinstance(record, dict) or self.key not in record:
+                    raise ValueError(f"not a JSON object with {self.key!r}")
+            except (ValueError, UnicodeDecodeError) as error:
+                logger.warning("%s:%d: dropping a corrupt line (%s): %r", self.path, number, error, line[:80])
+                dropped = True
+                continue
+            if record[self.key] in self._done:
+                logger.warning("%s:%d: dropping a repeated %s %r", self.path, number, self.key, record[self.key])
+                dropped = True
+                continue
+            self._done.add(record[self.key])
+            records.append(record)
+        return records, end, dropped
+
+    def _load_and_repair(self) -> None:
+        self.records, self._done, self._offset, self._lines = [], set(), 0, 0
+        if not self.path.exists():
+            self._inode = None
+            return
+        raw = self.path.read_bytes()
+        self.records, end, dropped = self._parse(raw, 1)
+        if end != len(raw):
+            logger.warning("%s: dropping a truncated last line (a write interrupted by a crash): %r", self.path,
+                           raw[end:][:80])
+        if dropped or end != len(raw):
+            from kvfactory.benchmarks.locking import atomic_write_bytes
+
+            atomic_write_bytes(self.path, b"".join(self._line(record) for record in self.records))
+        self._offset = self.path.stat().st_size
+        self._inode = self.path.stat().st_ino
+        self._lines = len(self.records)
+
+    def _refresh_locked(self) -> None:
+        """Read what other processes appended since the last read (call with the lock held)."""
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            if self._inode is not None:
+                self._load_and_repair()
+            return
+        if stat.st_ino != self._inode or stat.st_size < self._offset:  # rewritten (repaired) by another process
+            self._load_and_repair()
+            return
+        if stat.st_size == self._offset:
+            return
+        with open(self.path, "rb") as handle:
+            handle.seek(self._offset)
+            data = handle.read()
+        records, end, _ = self._parse(data, self._lines + 1)
+        self.records.extend(records)
+        self._offset += end
+        self._lines += data[:end].count(b"\n")
+
+    def refresh(self) -> None:
+        """Take in the records other processes wrote meanwhile (so their keys count as done)."""
+        with self.lock:
+            self._refresh_locked()
 
     def done(self, key_value: Any) -> bool:
         return key_value in self._done
 
-    def append(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+    # -- writing
+    @staticmethod
+    def _line(record: dict[str, Any]) -> bytes:
+        return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+
+    def append(self, record: dict[str, Any]) -> bool:
+        """Write ``record`` unless its key is already in the file; returns whether it was written."""
+        data = self._line(record)
+        with self.lock:
+            self._refresh_locked()
+            if record[self.key] in self._done:
+                logger.info("%s: %s %r was already written by another run; not writing it again", self.path,
+                            self.key, record[self.key])
+                return False
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                size = os.fstat(fd).st_size
+                if size > self._offset:  # a truncated line of a writer killed mid-write: cut it off first
+                    logger.warning("%s: dropping a truncated last line (a write interrupted by a crash)", self.path)
+                    os.ftruncate(fd, self._offset)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+                stat = os.fstat(fd)
+            finally:
+                os.close(fd)
+            self._inode, self._offset = stat.st_ino, stat.st_size
+            self._lines += 1
         self.records.append(record)
         self._done.add(record[self.key])
+        return True
 
 
+def ensure_folder(path: str | Path, flag: str = "--save_dir") -> Path:
+    """Create ``path`` (and its parents); a file in the way is a ValueError naming ``flag``."""
+    path = Path(path)
+    for part in (path, *path.parents):
+        if part.exists() and not part.is_dir():
+            raise ValueError(f"{flag} {path}: {part} is a file, not a folder; pass a folder path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"{flag} {path} cannot be created: {error.strerror or error}") from error
+    return path
+
+
+@functools.lru_cache(maxsize=1)
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
@@ -189,9 +327,7 @@ def git_commit() -> str:
 def write_run_meta(folder: Path, args: argparse.Namespace, extra: dict[str, Any] | None = None,
                    filename: str = "run_meta.json") -> Path:
     """``run_meta.json``: git commit, arguments, library versions, device, timestamp (one file per run folder;
-    ``filename`` names it differently where several runs share a folder). A resumed or extended run (say a needle
-    folder grown from 4k to 8k by a second command) keeps the earlier invocations under ``earlier_runs``, oldest
-    first, so every command that wrote into the folder stays on record."""
+    ``filename`` names it differently where several runs share a folder)."""
     import transformers
 
     import kvfactory
@@ -205,13 +341,6 @@ def write_run_meta(folder: Path, args: argparse.Namespace, extra: dict[str, Any]
     }
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / filename
-    try:
-        previous = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        previous = None
-    if isinstance(previous, dict):
-        earlier = previous.pop("earlier_runs", [])
-        meta["earlier_runs"] = [*(earlier if isinstance(earlier, list) else []), previous]
     path.write_text(json.dumps(meta, indent=2, default=str))
     return path
 
@@ -279,6 +408,7 @@ def run_jobs(model: Any, tokenizer: Any, handle: Any, jobs: list[Job], results: 
     if len(pending) < len(jobs):
         logger.info("%s: %d of %d already done, resuming", description or results.path, len(jobs) - len(pending), len(jobs))
     progress = tqdm(total=len(pending), desc=description or results.path.name, unit="sample")
+    ran = 0
     groups: dict[tuple[int, tuple[int, ...], bool, int], list[Job]] = {}
     for job in pending:
         if job.question_ids is not None and job.min_new_tokens:
@@ -287,6 +417,13 @@ def run_jobs(model: Any, tokenizer: Any, handle: Any, jobs: list[Job], results: 
                            job.min_new_tokens), []).append(job)
     for (max_new_tokens, stops, agnostic, min_new_tokens), group in groups.items():
         for batch in chunks(group, 1 if agnostic else batch_size):
+            if hasattr(results, "refresh"):  # another run into the same folder may have answered some meanwhile
+                results.refresh()
+                fresh = [job for job in batch if not results.done(job.key)]
+                progress.update(len(batch) - len(fresh))
+                batch = fresh
+                if not batch:
+                    continue
             if agnostic:
                 outputs = answer_on_compressed_context(model, tokenizer, handle, batch[0].input_ids,
                                                        [batch[0].question_ids], max_new_tokens=max_new_tokens,
@@ -300,5 +437,6 @@ def run_jobs(model: Any, tokenizer: Any, handle: Any, jobs: list[Job], results: 
                                 "input_tokens": output.prompt_tokens, "kept_tokens": round(output.kept_tokens, 2),
                                 "seconds": round(output.seconds / len(batch), 3)})
             progress.update(len(batch))
+            ran += len(batch)
     progress.close()
-    return len(pending)
+    return ran

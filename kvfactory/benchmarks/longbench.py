@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from kvfactory.benchmarks.common import (
-    Job, ResultsFile, budget_label, load_model, method_label, model_label, model_stop_token_ids, parse_list,
-    patch_parameters, run_jobs, write_run_meta,
+    Job, ResultsFile, budget_label, ensure_folder, load_model, method_label, model_label, model_stop_token_ids, parse_list,
+    patch_parameters, run_jobs,
 )
 from kvfactory.metrics.longbench import DATASET2METRIC
 from kvfactory.paths import REPO_ROOT, shared_data_dir
@@ -119,7 +119,13 @@ def load_records(data_dir: Path, dataset: str, limit: int | None = None) -> list
                 break
             if not line.strip():
                 continue
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not valid JSON ({error.msg}); LongBench files hold one JSON "
+                                 "object per line") from error
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{number}: a JSON {type(record).__name__}, not an object (LongBench format)")
             missing = [f for f in ("_id", "context", "input", "answers", "length") if f not in record]
             if missing:
                 raise ValueError(f"{path}:{number}: record lacks {', '.join(missing)} (LongBench format)")
@@ -271,22 +277,28 @@ def make_jobs(records: Sequence[dict[str, Any]], dataset: str, config: LongBench
     return sorted(jobs, key=lambda job: -len(job.input_ids))
 
 
-#: Arguments that change predictions: a resumed run must match the stored ones.
-PROTOCOL_ARGS = ("model_path", "dtype", "attn_implementation", "max_length", "query_agnostic", "seed")
+#: Arguments that change predictions (besides the model's, the method's and the data): a resume must match them.
+PROTOCOL_ARGS = ("max_length", "query_agnostic", "max_num_examples")
 
 
-def _check_resume(meta_path: Path, protocol: dict[str, Any]) -> None:
-    if not meta_path.is_file():
-        return
-    try:
-        stored = json.loads(meta_path.read_text()).get("protocol")
-    except json.JSONDecodeError:
-        logger.warning("%s is not valid JSON; rewriting it", meta_path)
-        return
-    if stored is not None and json.loads(json.dumps(stored)) != json.loads(json.dumps(protocol, default=str)):
-        changed = sorted(k for k in set(stored) | set(protocol) if stored.get(k) != protocol.get(k))
-        raise ValueError(f"{meta_path.parent} holds results of this method made with other settings "
-                         f"({', '.join(changed)}); resume with the same settings or use another --save_dir")
+def data_fingerprint(data_dir: Path, datasets: Sequence[str]) -> dict[str, Any]:
+    """Size and SHA-256 of the config files and of each dataset file a run reads (what ``settings["data"]`` holds)."""
+    from kvfactory.benchmarks.provenance import file_fingerprint
+
+    found = {f"config/{name}": file_fingerprint(data_dir / "config" / name) for name in CONFIG_FILES}
+    if (data_dir / "config" / "model2maxlen.json").is_file():
+        found["config/model2maxlen.json"] = file_fingerprint(data_dir / "config" / "model2maxlen.json")
+    found.update({f"{dataset}.jsonl": file_fingerprint(data_dir / f"{dataset}.jsonl") for dataset in datasets})
+    return found
+
+
+def run_settings(args: argparse.Namespace, name: str, params: dict[str, Any], data_dir: Path,
+                 datasets: Sequence[str]) -> dict[str, Any]:
+    """The settings that define a LongBench method's results (see :mod:`kvfactory.benchmarks.provenance`)."""
+    from kvfactory.benchmarks.provenance import model_settings
+
+    return {**model_settings(args), "method": name, "params": params,
+            **{key: getattr(args, key) for key in PROTOCOL_ARGS}, "data": data_fingerprint(data_dir, datasets)}
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -307,10 +319,16 @@ def run(args: argparse.Namespace) -> Path:
     datasets = select_datasets(args.datasets, args.longbench_e)
     records = {dataset: load_records(data_dir, dataset, args.max_num_examples) for dataset in datasets}
     label = method_label(name, params)
-    folder = Path(args.save_dir) / f"{model_label(args.model_path)}_{budget_label(args)}"
-    protocol = {"method": name, "params": params, **{k: getattr(args, k) for k in PROTOCOL_ARGS}}
+    folder = ensure_folder(Path(args.save_dir)) / f"{model_label(args.model_path)}_{budget_label(args)}"
+    settings = run_settings(args, name, params, data_dir, datasets)
     meta_name = f"run_meta_{label}.json"
-    _check_resume(folder / meta_name, protocol)
+
+    def has_results() -> bool:
+        return any(path.stat().st_size for path in folder.glob(f"*/{label}.jsonl"))
+
+    from kvfactory.benchmarks.provenance import record_run
+
+    record_run(folder / meta_name, settings, args=args, has_results=has_results, check_only=True)  # before loading
 
     model, tokenizer = load_model(args)
     if tokenizer is None:
@@ -331,9 +349,9 @@ def run(args: argparse.Namespace) -> Path:
                                   args.query_agnostic)
         logger.info("%s: %d samples, max_length %d (%s), %d truncated", dataset, len(dataset_records), max_length,
                     source, sum(job.record["truncated"] for job in jobs[dataset]))
-    write_run_meta(folder, args, {"protocol": protocol, "data_dir": str(data_dir), "stop_token_ids": stops,
-                                  "max_length": lengths, "chat_template": builder.chat is not None},
-                   filename=meta_name)
+    record_run(folder / meta_name, settings, args=args, has_results=has_results,
+               extra={"data_dir": str(data_dir), "stop_token_ids": stops, "max_length": lengths,
+                      "chat_template": builder.chat is not None})
     with kvfactory.patch(model, name, **params) as handle:
         for dataset, dataset_jobs in jobs.items():
             results = ResultsFile(folder / dataset / f"{label}.jsonl", key="_id")

@@ -163,11 +163,25 @@ class CellStore:
     """
 
     def __init__(self, run: NeedleRun) -> None:
+        from kvfactory.benchmarks.locking import FileLock, remove_stale_temporaries
+
         self.run = run
         self.path = run.results_dir
-        done = completed_cells(run.results_dir, model=run.model, method=run.method, budget=run.budget,
-                               answer_prefix=run.answer_prefix)
-        self._done = {cell_key(length, depth) for length, depth in done}
+        self.lock = FileLock(run.results_dir / ".cells.lock")
+        self._done: set[str] = set()
+        with self.lock:
+            remove_stale_temporaries(run.results_dir)
+            self._refresh_locked()
+
+    def _refresh_locked(self) -> None:
+        done = completed_cells(self.run.results_dir, model=self.run.model, method=self.run.method,
+                               budget=self.run.budget, answer_prefix=self.run.answer_prefix)
+        self._done |= {cell_key(length, depth) for length, depth in done}
+
+    def refresh(self) -> None:
+        """Take in the cells other processes wrote meanwhile."""
+        with self.lock:
+            self._refresh_locked()
 
     @property
     def done_keys(self) -> set[str]:
@@ -177,7 +191,17 @@ class CellStore:
     def done(self, key: str) -> bool:
         return key in self._done
 
-    def append(self, record: dict[str, Any]) -> None:
+    def append(self, record: dict[str, Any]) -> bool:
+        """Score and write one cell unless another run wrote it meanwhile; returns whether it was written."""
+        with self.lock:
+            self._refresh_locked()
+            if record["cell"] in self._done:
+                logger.info("%s: cell %s was already written by another run", self.path, record["cell"])
+                return False
+            self._write(record)
+        return True
+
+    def _write(self, record: dict[str, Any]) -> None:
         record = dict(record)
         key = record.pop("cell")
         answer = str(record.pop("pred")).strip()

@@ -22,7 +22,6 @@ import datetime
 import functools
 import json
 import logging
-import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -137,6 +136,7 @@ def write_cell(results_dir: str | Path, *, model: str, method: str, budget: int 
                kept_tokens: float | None, seconds: float, extra: Mapping[str, Any] | None = None) -> Path:
     """Write one cell's record as ``results_dir / cell_filename(L, d)`` (atomically: temp file, then rename).
 
+    The temporary file is unique per process (``.{name}.{pid}.tmp``), so concurrent writers never share one.
     ``extra`` entries (e.g. ``insertion_index``, ``question``, ``prompt_tokens``) are stored beside the standard
     fields (:data:`CELL_FIELDS`) and may not override them; ``timestamp_utc`` is added.
     """
@@ -154,10 +154,9 @@ def write_cell(results_dir: str | Path, *, model: str, method: str, budget: int 
     folder = Path(results_dir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / cell_filename(context_length, depth_percent)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(record, indent=2, ensure_ascii=False, default=_json_default), encoding="utf-8")
-    os.replace(temporary, path)
-    return path
+    from kvfactory.benchmarks.locking import atomic_write_text
+
+    return atomic_write_text(path, json.dumps(record, indent=2, ensure_ascii=False, default=_json_default))
 
 
 def _json_default(value: Any) -> Any:

@@ -6,7 +6,9 @@ Two layouts (KIVI's):
 - ``"token"``: per-token, a group is ``group_size`` consecutive channels of one token (values).
 
 Per group, ``zero = min`` (rounded *down* to fp16) and ``scale = (max - zero) / (2**b - 1)`` (rounded *up* to fp16),
-so every value lies in the representable range and the dequantization error is at most ``scale / 2``. Codes are
+so every value lies in the representable range and the dequantization error is at most ``scale / 2``. A tensor
+with a value or step beyond fp16's range (|x| > 65000) keeps its scales and zero-points in fp32 instead (fp16 would
+dequantize that group to inf); :func:`quantized_nbytes` counts the usual fp16 case. Codes are
 packed along the channel axis (:mod:`kvfactory.quant.packing`). Entries marked in ``exclude`` (sparse outliers,
 padding slots) do not widen a group's range; their codes are clamped and must be restored by the caller.
 """
@@ -44,6 +46,18 @@ def _round_half(x: torch.Tensor, direction: float) -> torch.Tensor:
     half = x.half()
     off = half.float() < x if direction > 0 else half.float() > x
     return torch.where(off, torch.nextafter(half, torch.full_like(half, direction)), half)
+
+
+#: Below fp16's largest finite value (65504) with room for rounding up to the next fp16 number.
+HALF_SAFE = 65000.0
+
+
+def _fits_half(low: torch.Tensor, high: torch.Tensor, levels: int) -> bool:
+    """Whether every zero-point and scale is representable in fp16 (one host read per quantized tensor)."""
+    if low.numel() == 0:
+        return True
+    worst = torch.maximum(torch.maximum(low.abs().amax(), high.abs().amax()), ((high - low) / levels).amax())
+    return bool(worst <= HALF_SAFE)
 
 
 @dataclass
@@ -89,8 +103,11 @@ def quantize(x: torch.Tensor, nbits: int, layout: str, group_size: int,
         high = grouped.masked_fill(skip, float("-inf")).amax(axis, keepdim=True)
         empty = torch.isinf(low)  # every entry of the group excluded
         low, high = low.masked_fill(empty, 0.0), high.masked_fill(empty, 0.0)
-    zero = _round_half(low, float("-inf"))
-    scale = _round_half((high - zero.float()) / levels, float("inf"))
+    if _fits_half(low, high, levels):
+        zero = _round_half(low, float("-inf"))
+        scale = _round_half((high - zero.float()) / levels, float("inf"))
+    else:  # a range fp16 cannot hold (|x| or the step above 65504 would dequantize to inf): fp32 for this tensor
+        zero, scale = low.clone(), (high - low) / levels
     inverse = torch.where(scale > 0, 1.0 / scale.float(), torch.zeros_like(scale, dtype=torch.float32))
     codes = ((grouped - zero.float()) * inverse).round_().clamp_(0, levels).to(torch.uint8)
     return GroupQuantized(pack(codes.reshape(x.shape), nbits), scale.contiguous(), zero.contiguous(), nbits, layout,

@@ -30,10 +30,10 @@ positional_flags "ATTN MODEL_PATH MERGE QUANT_METHOD NBITS" \
     --attn_implementation --model_path --merge --quant_method --nbits -- "$@"
 args=(--method "$method" --max_capacity_prompts "$capacity" "${flag_args[@]}")
 
-cd "$(dirname "$0")/../.."
+repo="$(cd "$(dirname "$0")/../.." && pwd)"  # relative paths stay relative to the caller's folder
 PYTHON="${PYTHON:-python}"
 if "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     args+=(--device_map auto)  # a later --device_map in the extra flags wins
 fi
 set -x
-exec "$PYTHON" run_longbench.py "${args[@]}" "${passthrough[@]}"
+exec "$PYTHON" "$repo/run_longbench.py" "${args[@]}" "${passthrough[@]}"

@@ -8,5 +8,5 @@ if [ $# -ne 1 ]; then
     exit 2
 fi
 results_dir="$(cd "$1" && pwd)"
-cd "$(dirname "$0")/../.."
-exec "${PYTHON:-python}" run_longbench.py --eval --results_dir "$results_dir"
+repo="$(cd "$(dirname "$0")/../.." && pwd)"  # relative paths stay relative to the caller's folder
+exec "${PYTHON:-python}" "$repo/run_longbench.py" --eval --results_dir "$results_dir"

@@ -33,7 +33,7 @@ positional_flags "MODEL_PATH S_LEN E_LEN STEP ATTN" --model_path --s_len --e_len
 save_dir="${SAVE_DIR:-results_needle}"
 args=(--method "$method" --max_capacity_prompts "$capacity" --save_dir "$save_dir" "${flag_args[@]}")
 
-cd "$(dirname "$0")/../.."
+repo="$(cd "$(dirname "$0")/../.." && pwd)"  # relative paths stay relative to the caller's folder
 PYTHON="${PYTHON:-python}"
 if "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     args+=(--device_map auto)  # a later --device_map in the extra flags wins
@@ -42,5 +42,5 @@ model="${positional[0]:-smollm2-135m}"
 is_set "$model" || model=smollm2-135m
 mkdir -p "$save_dir/logs"
 log="$save_dir/logs/$(basename "${model%/}")_${method}_${capacity}.log"
-echo "+ $PYTHON run_needle.py ${args[*]} ${passthrough[*]} | tee $log" >&2
-"$PYTHON" run_needle.py "${args[@]}" "${passthrough[@]}" 2>&1 | tee "$log"
+echo "+ $PYTHON $repo/run_needle.py ${args[*]} ${passthrough[*]} | tee $log" >&2
+"$PYTHON" "$repo/run_needle.py" "${args[@]}" "${passthrough[@]}" 2>&1 | tee "$log"

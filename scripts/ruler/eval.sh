@@ -9,7 +9,7 @@
 # Environment: CONTEXT_LENGTHS (default 4096), NUM_SAMPLES (default: RULER's 500), TASKS (default all 13),
 #   TEMPLATE (default base; chat = the tokenizer's chat template, for instruct models).
 set -euo pipefail
-cd "$(dirname "$0")/../.."
+repo="$(cd "$(dirname "$0")/../.." && pwd)"  # relative paths stay relative to the caller's folder
 if [ $# -lt 3 ]; then
   sed -n '2,10p' "$0" >&2
   exit 2
@@ -26,4 +26,4 @@ case "$quant" in
   ""|none|None) ;;
   *) args+=(--quant_method "$quant"); [ -n "$nbits" ] && args+=(--nbits "$nbits") ;;
 esac
-exec python run_ruler.py "${args[@]}" "$@"
+exec python "$repo/run_ruler.py" "${args[@]}" "$@"

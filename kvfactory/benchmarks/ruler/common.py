@@ -100,14 +100,12 @@ def remove_newline_tab(text: str) -> str:
 def write_jsonl(records: Iterable[dict[str, Any]], path: str | Path) -> Path:
     """Write records as RULER does (nemo ``write_manifest``: ``json.dump`` with ASCII escapes, one per line).
 
-    Creates parent folders. Returns the path written.
+    Creates parent folders; the file is replaced atomically (a killed run leaves the old file or the new one).
+    Returns the path written.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8", newline="\n") as handle:
-        for record in records:
-            handle.write(json.dumps(record) + "\n")
-    return path
+    from kvfactory.benchmarks.locking import atomic_write_text
+
+    return atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in records))
 
 
 def read_jsonl(path: str | Path, *, strict: bool = True) -> list[dict[str, Any]]:

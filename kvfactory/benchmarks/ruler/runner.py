@@ -2,7 +2,7 @@
 
 Layout, as KVCache-Factory's RULER runner and the LongBench one::
 
-    {save_dir}/{model}_{C}/run_meta.json
+    {save_dir}/{model}_{C}/run_meta_{method}.json            settings (fixed) and the history of invocations
     {save_dir}/{model}_{C}/{length}/{task}/{method}.jsonl     one line per sample: index, pred, outputs, length, ...
     {save_dir}/{model}_{C}/{length}/{task}/metrics.json       {method: score}
     {save_dir}/{model}_{C}/results.csv                        methods x {length}/{task}, per-length and overall means
@@ -24,9 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from kvfactory.benchmarks.common import (
-    Job, ResultsFile, budget_label, load_model, method_label, model_label, model_stop_token_ids, parse_list,
-    patch_parameters, run_jobs, write_run_meta,
+    Job, ResultsFile, budget_label, ensure_folder, load_model, method_label, model_label, model_stop_token_ids,
+    parse_list, patch_parameters, run_jobs,
 )
+from kvfactory import methods
+from kvfactory.benchmarks.provenance import file_fingerprint, model_settings, record_run
+
+from kvfactory.quant import QUANT_PARAMETERS
 
 from . import MissingTaskData, TASKS, generate, read_jsonl, write_jsonl
 from .constants import MODEL_TEMPLATES, tokens_to_generate
@@ -214,9 +218,26 @@ def _method_namespaces(args: argparse.Namespace) -> list[argparse.Namespace]:
     for name in dict.fromkeys(names):
         one = copy.copy(args)
         one.method = name
-        patch_parameters(one)  # an unknown method or a bad flag fails before any work
+        name, params = patch_parameters(one)  # an unknown method or a bad flag fails before any work
+        methods.get(name, **{k: v for k, v in params.items() if k not in (*QUANT_PARAMETERS, "nbits")})
         out.append(one)
     return out
+
+
+#: RULER flags that change samples or answers: a resume must match them.
+PROTOCOL_ARGS = ("num_samples", "template", "remove_newline_tab", "tokenizer_path", "max_new_tokens", "qa_data")
+
+
+def run_settings(args: argparse.Namespace, name: str, params: dict[str, Any],
+                 data: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The settings that define a RULER method's results; ``data`` maps ``{length}/{task}`` to its sample file's
+    size and SHA-256 (see :mod:`kvfactory.benchmarks.provenance`)."""
+    return {**model_settings(args), "method": name, "params": params,
+            **{key: getattr(args, key) for key in PROTOCOL_ARGS}, "data": data or {}}
+
+
+def _has_results(run_dir: Path, method: str) -> bool:
+    return any(path.stat().st_size for path in run_dir.glob(f"*/*/{method}.jsonl"))
 
 
 def run_ruler(args: argparse.Namespace, model: Any = None, tokenizer: Any = None) -> RulerRun:
@@ -233,6 +254,12 @@ def run_ruler(args: argparse.Namespace, model: Any = None, tokenizer: Any = None
     if args.num_samples is not None and args.num_samples < 1:
         raise ValueError(f"--num_samples must be at least 1, got {args.num_samples}")
     per_method = _method_namespaces(args)
+    run_dir = ensure_folder(Path(args.save_dir)) / f"{model_label(args.model_path)}_{budget_label(args)}"
+    for method_args in per_method:  # refuse a resume with other settings before any work
+        name, params = patch_parameters(method_args)
+        method = method_label(name, params)
+        record_run(run_dir / f"run_meta_{method}.json", run_settings(args, name, params), args=args,
+                   has_results=lambda: _has_results(run_dir, method), check_only=True)
     if model is None:
         model, tokenizer = load_model(args)
     if args.tokenizer_path:
@@ -243,13 +270,11 @@ def run_ruler(args: argparse.Namespace, model: Any = None, tokenizer: Any = None
         raise ValueError(f"{args.model_path} comes without a tokenizer: pass --tokenizer_path")
     template = resolve_template(args.template, tokenizer)
     label = model_label(args.tokenizer_path or args.model_path)
-    run_dir = Path(args.save_dir) / f"{model_label(args.model_path)}_{budget_label(args)}"
     data_root = Path(args.save_dir) / "data" / label / f"{args.template}_seed{args.seed}"
     stops = model_stop_token_ids(model, tokenizer)
-    write_run_meta(run_dir, args, extra={"ruler_template": template, "stop_token_ids": stops,
-                                         "sentence_splitter": sentence_splitter_source()})
 
     samples: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    sources: dict[str, Any] = {}
     run = RulerRun(run_dir=run_dir, scores={})
     for length in lengths:
         for task in tasks:
@@ -261,10 +286,15 @@ def run_ruler(args: argparse.Namespace, model: Any = None, tokenizer: Any = None
                 continue
             logger.info("RULER %s at %d: %d samples from %s", task, length, len(records), path)
             samples[(length, task)] = records
+            sources[f"{length}/{task}"] = file_fingerprint(path)
 
     for method_args in per_method:
         name, params = patch_parameters(method_args)
         method = method_label(name, params)
+        record_run(run_dir / f"run_meta_{method}.json", run_settings(args, name, params, sources), args=args,
+                   has_results=lambda: _has_results(run_dir, method),
+                   extra={"ruler_template": template, "stop_token_ids": stops,
+                          "sentence_splitter": sentence_splitter_source()})
         started, answered = time.perf_counter(), 0
         with kvfactory.patch(model, name, **params) as handle:
             for (length, task), records in samples.items():
