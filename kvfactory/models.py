@@ -141,6 +141,14 @@ def _stock_implementation(model_class_name: str, requested: str) -> str:
     return requested
 
 
+def _check_implementation(requested: str) -> None:
+    """flash_attention_2 without flash-attn: kvfactory's clear error instead of transformers' ImportError."""
+    if requested == "flash_attention_2":
+        from kvfactory.attention import require_flash_attn
+
+        require_flash_attn()
+
+
 def _remember_request(model: PreTrainedModel, requested: str) -> PreTrainedModel:
     if model.config._attn_implementation != requested:
         setattr(model, ATTENTION_REQUEST, requested)
@@ -154,6 +162,7 @@ def random_model(config: str | PretrainedConfig, *, seed: int = 0, dtype: str | 
     on ``device`` (no fp32 CPU copy of an 8B model first)."""
     if isinstance(config, str):
         config = model_config(config, **overrides)
+    _check_implementation(attn_implementation)
     resolved = resolve_dtype(dtype)
     torch_dtype = torch.float32 if resolved == "auto" else resolved
     torch.manual_seed(seed)
@@ -209,6 +218,7 @@ def load(name_or_path: str, *, dtype: str | torch.dtype = "float32", attn_implem
     if name_or_path.startswith("random:"):
         return random_model(name_or_path.split(":", 1)[1], seed=seed, dtype=dtype,
                             attn_implementation=attn_implementation, device=device), None
+    _check_implementation(attn_implementation)
     path = _checkpoint_path(name_or_path)
     torch_dtype = resolve_dtype(dtype)
     architectures = AutoConfig.from_pretrained(path).architectures or [""]
