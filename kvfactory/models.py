@@ -65,6 +65,10 @@ _CONFIGS: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {
         vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=8, rope_theta=1000000.0, rms_norm_eps=1e-5, max_position_embeddings=32768,
         sliding_window=None)),
+    "qwen2-7b": (Qwen2Config, dict(  # Qwen/Qwen2-7B-Instruct
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=32768,
+        tie_word_embeddings=False, use_sliding_window=False)),
     "qwen2.5-0.5b": (Qwen2Config, dict(  # Qwen/Qwen2.5-Coder-0.5B-Instruct (the embedded qwen2.5-coder-0.5b)
         vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
         num_key_value_heads=2, rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=32768,

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random-weight models built from in-code configs (no download, about a second each)."""
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from pathlib import Path
@@ -107,3 +108,52 @@ def flash_stand_in(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
 def _forget_flash_attn() -> None:
     for name in [name for name in sys.modules if name == "flash_attn" or name.startswith("flash_attn.")]:
         del sys.modules[name]
+
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+CUDA_GUARDS = ("is_available",)  # the one torch.cuda call that is itself the guard
+
+
+@functools.lru_cache(maxsize=None)
+def _repository_code(filename: str) -> bool:
+    """Whether ``filename`` is this repository's library, benchmark or CLI code (not its tests, not a library)."""
+    path = Path(filename).resolve()
+    if REPOSITORY not in path.parents or "site-packages" in path.parts:
+        return False
+    relative = path.relative_to(REPOSITORY)
+    return relative.parts[0] in ("kvfactory", "benchmarks", "scripts") or (
+        len(relative.parts) == 1 and relative.name.startswith("run_"))
+
+
+@pytest.fixture
+def cuda_forbidden(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """A CPU machine where this repository's code may not touch CUDA: every public ``torch.cuda`` function but
+    ``is_available`` (which answers False), and ``Tensor.cuda`` / ``Module.cuda``, raise when called from
+    ``kvfactory/``, ``benchmarks/``, ``scripts/`` or ``run_*.py``, and the call is recorded in the returned list
+    (a broad ``except`` in the code under test cannot hide it). Calls from torch, transformers or accelerate pass
+    through: guarding those is their business."""
+    import inspect
+
+    calls: list[str] = []
+
+    def forbid(name: str, original: object) -> object:
+        def guarded(*args: object, **kwargs: object) -> object:
+            frame = sys._getframe(1)
+            if _repository_code(frame.f_code.co_filename):
+                where = f"{Path(frame.f_code.co_filename).relative_to(REPOSITORY)}:{frame.f_lineno}"
+                calls.append(f"{name} at {where}")
+                raise AssertionError(f"unguarded {name}() at {where} on a machine without CUDA")
+            return original(*args, **kwargs)  # type: ignore[operator]
+
+        return guarded
+
+    for name in dir(torch.cuda):
+        attribute = getattr(torch.cuda, name)
+        if name.startswith("_") or name in CUDA_GUARDS or not (inspect.isfunction(attribute)
+                                                               or inspect.isbuiltin(attribute)):
+            continue
+        monkeypatch.setattr(torch.cuda, name, forbid(f"torch.cuda.{name}", attribute))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.Tensor, "cuda", forbid("Tensor.cuda", torch.Tensor.cuda))
+    monkeypatch.setattr(torch.nn.Module, "cuda", forbid("Module.cuda", torch.nn.Module.cuda))
+    yield calls
