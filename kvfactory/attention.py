@@ -235,7 +235,7 @@ def _flash(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, caus
                              window_size=window_size, return_attn_probs=need_lse)
     if need_lse:
         output, lse, _ = result
-        return output.transpose(1, 2), lse
+        return output.transpose(1, 2), lse[..., : queries.shape[-2]]  # (B, Hq, n) fp32; never padded past n
     return result.transpose(1, 2), None
 
 

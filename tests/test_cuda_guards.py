@@ -98,3 +98,11 @@ def test_device_map_auto_without_a_gpu_runs_on_cpu(tmp_path: Path, cuda_forbidde
         greedy(model, random_prompt(40), 3)
     assert handle.last_cache.kept_tokens() == [18, 18]
     assert cuda_forbidden == []
+
+
+def test_accelerators_score_in_larger_chunks() -> None:
+    """H2O's column sums run over query chunks: cache-sized on CPU, 16x larger elsewhere (fewer Python steps)."""
+    from kvfactory.methods.scoring import score_chunk_elements
+
+    assert score_chunk_elements(torch.device("cpu")) == 1 << 22
+    assert score_chunk_elements(torch.device("cuda", 0)) == 1 << 26

@@ -50,8 +50,7 @@ def test_tiny_gpu_check_passes_without_touching_cuda(gpu_check, tmp_path: Path, 
 
 def test_gpu_defaults_and_argument_errors(gpu_check) -> None:
     args = gpu_check.parse_args(["--device", "cuda"])
-    assert args.models == ["llama-3-8b", "qwen2-7b", "mistral-7b-v0.2"] and args.context_lengths == [8192, 16384,
-                                                                                                   32768]
+    assert args.models == ["llama-3-8b", "qwen2-7b"] and args.context_lengths == [8192, 16384, 32768]
     assert args.dtype == "bfloat16" and args.budget == 2048 and args.batch == 8
     assert gpu_check._split_map(4, args.device)["model.layers.1"] == 0
     assert gpu_check._split_map(4, args.device)["model.layers.2"] == "cpu"
