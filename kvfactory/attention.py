@@ -10,6 +10,13 @@ cache holds a *physical* subset of it. The new ``n`` queries are always the last
 - padding is a per-slot validity mask ``(B, T)`` kept by the cache (padded query rows attend everywhere, so they stay
   finite; their outputs are never used);
 - a sliding window (Mistral) is by position: query at position ``p`` sees a key at ``q`` iff ``p - q < window``.
+
+flash_attention_2 runs flash-attn's kernels for every case they can express: a prompt attending to itself (causal,
+left padding as ``flash_attn_varlen_func`` over the real tokens with ``cu_seqlens``, the sliding window as
+``window_size=(window - 1, 0)`` when positions follow the slots), and new tokens over an unpadded cache whose window,
+if any, is not reached yet (flash-attn's causal mask is aligned to the bottom-right corner, as kvfactory's). The
+other cases (a padded or windowed compressed cache, attention weights asked for) run sdpa with kvfactory's mask:
+masks there are ``(B, 1, n, T)`` with few queries.
 """
 from __future__ import annotations
 
@@ -31,6 +38,16 @@ ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 def flash_attn_available() -> bool:
     """Whether the optional ``flash_attn`` package can be imported."""
     return importlib.util.find_spec("flash_attn") is not None
+
+
+def require_flash_attn() -> None:
+    """Raise a ValueError saying what to do when flash_attention_2 is asked for and flash-attn is not installed."""
+    if not flash_attn_available():
+        raise ValueError(
+            "attn_implementation='flash_attention_2' needs the flash-attn package, which is not installed here "
+            f"(it needs CUDA). Accepted implementations: {', '.join(ATTENTION_IMPLEMENTATIONS)}; without flash-attn use "
+            "'sdpa' (or 'eager'), or install flash-attn on a CUDA machine (pip install flash-attn --no-build-isolation)"
+        )
 
 
 @dataclass(frozen=True)
@@ -104,6 +121,11 @@ def attend(
     """
     batch, num_q_heads, n, head_dim = queries.shape
     num_kv_heads, total = keys.shape[1], keys.shape[-2]
+    if spec.implementation == "flash_attention_2" and not need_weights:
+        flashed = _flash_attend(queries, keys, values, spec, key_valid, query_valid, query_positions, key_positions,
+                                need_lse)
+        if flashed is not None:
+            return flashed
     mask = build_mask(
         batch, n, total, keys.device, key_valid=key_valid, query_valid=query_valid,
         sliding_window=spec.sliding_window, query_positions=query_positions, key_positions=key_positions,
@@ -111,8 +133,6 @@ def attend(
     is_causal = mask is None and n > 1
     if need_weights or spec.implementation == "eager":
         return _eager(queries, keys, values, mask, is_causal)
-    if spec.implementation == "flash_attention_2" and mask is None:
-        return _flash(queries, keys, values, is_causal), None
     if need_column_sums and spec.implementation == "sdpa" and mask is None and _fused_column_sums(queries, keys):
         output, column_sums = kernels.causal_attention_column_sums(queries, keys, values)
         return output, column_sums.view(batch, num_kv_heads, num_q_heads // num_kv_heads, n)
@@ -164,10 +184,78 @@ def _sdpa_with_lse_cpu(queries: torch.Tensor, keys: torch.Tensor, values: torch.
     return output, lse
 
 
-def _flash(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, is_causal: bool) -> torch.Tensor:
+def _flash_attend(
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, spec: AttentionSpec,
+    key_valid: torch.Tensor | None, query_valid: torch.Tensor | None, query_positions: torch.Tensor | None,
+    key_positions: torch.Tensor | None, need_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """:func:`attend` through flash-attn, or None for the cases its kernels cannot express (see the module
+    docstring); the second result is the lse ``(B, Hq, n)`` fp32 when ``need_lse`` and unpadded, else None."""
+    n, total = queries.shape[-2], keys.shape[-2]
+    window = spec.sliding_window
+    if n == total:  # a prompt attending to itself
+        window_size = (-1, -1)
+        if window is not None and n > window:
+            if query_positions is None or not _positions_follow_slots(query_positions, query_valid):
+                return None
+            window_size = (window - 1, 0)  # kvfactory's window sees distances < window; flash's left bound is <=
+        if key_valid is None and query_valid is None:
+            return _flash(queries, keys, values, n > 1, window_size, need_lse)
+        if key_valid is not None and query_valid is not None and (key_valid is query_valid
+                                                                  or torch.equal(key_valid, query_valid)):
+            return _flash_varlen(queries, keys, values, query_valid, window_size), None
+        return None
+    if key_valid is not None or query_valid is not None:
+        return None
+    if window is not None:
+        if query_positions is None or key_positions is None:
+            return None
+        if bool(query_positions.amax() - key_positions.amin() >= window):  # some query would see too far back
+            return None
+    return _flash(queries, keys, values, n > 1, (-1, -1), False)
+
+
+def _positions_follow_slots(positions: torch.Tensor, valid: torch.Tensor | None) -> bool:
+    """Whether each row's real tokens have consecutive positions in slot order (then a window by position is a
+    window by slot, which is what flash-attn's ``window_size`` is)."""
+    if valid is None:
+        return bool((positions.diff(dim=1) == 1).all())
+    offsets = (positions - valid.cumsum(dim=1)).masked_fill(~valid, 0)
+    high = offsets.masked_fill(~valid, torch.iinfo(offsets.dtype).min).amax(dim=1)
+    low = offsets.masked_fill(~valid, torch.iinfo(offsets.dtype).max).amin(dim=1)
+    return bool(((high == low) | ~valid.any(dim=1)).all())
+
+
+def _flash(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, causal: bool,
+           window_size: tuple[int, int] = (-1, -1), need_lse: bool = False
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
     from flash_attn import flash_attn_func  # optional dependency, checked when the model is patched
 
-    output = flash_attn_func(
-        queries.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), causal=is_causal
-    )
-    return output.transpose(1, 2)
+    result = flash_attn_func(queries.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), causal=causal,
+                             window_size=window_size, return_attn_probs=need_lse)
+    if need_lse:
+        output, lse, _ = result
+        return output.transpose(1, 2), lse[..., : queries.shape[-2]]  # (B, Hq, n) fp32; never padded past n
+    return result.transpose(1, 2), None
+
+
+def _flash_varlen(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor,
+                  window_size: tuple[int, int]) -> torch.Tensor:
+    """A padded prompt ``valid (B, n)`` as packed real tokens with ``cu_seqlens`` (``flash_attn_varlen_func``);
+    padded query rows get zeros (never used)."""
+    from flash_attn import flash_attn_varlen_func
+
+    batch, num_q_heads, n, head_dim = queries.shape
+    indices = valid.flatten().nonzero().flatten()
+    lengths = valid.sum(dim=1, dtype=torch.int32)
+    cu_seqlens = F.pad(torch.cumsum(lengths, dim=0, dtype=torch.int32), (1, 0))
+    longest = int(lengths.max())
+
+    def packed(states: torch.Tensor) -> torch.Tensor:
+        return states.transpose(1, 2).reshape(batch * n, states.shape[1], head_dim).index_select(0, indices)
+
+    output = flash_attn_varlen_func(packed(queries), packed(keys), packed(values), cu_seqlens, cu_seqlens, longest,
+                                    longest, causal=True, window_size=window_size)
+    padded = output.new_zeros(batch * n, num_q_heads, head_dim)
+    padded[indices] = output
+    return padded.view(batch, n, num_q_heads, head_dim).transpose(1, 2)

@@ -159,10 +159,13 @@ class CompressedCache(Cache):
         return result
 
     def kept_positions(self, layer_idx: int) -> torch.Tensor:
-        """Original positions of the kept tokens ``(B, Hkv, T)`` int32 (-1 marks padding slots)."""
+        """Original positions of the kept tokens ``(B, Hkv, T)`` int32 (-1 marks padding slots; a ragged layer is
+        shown left-padded per head)."""
         store = self.stores[layer_idx]
         if store is None:
             raise KeyError(f"layer {layer_idx} holds nothing yet")
+        if isinstance(store, RaggedStore):
+            return store.padded()[2]
         return store.positions
 
     def nbytes(self) -> int:

@@ -65,6 +65,10 @@ _CONFIGS: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {
         vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=8, rope_theta=1000000.0, rms_norm_eps=1e-5, max_position_embeddings=32768,
         sliding_window=None)),
+    "qwen2-7b": (Qwen2Config, dict(  # Qwen/Qwen2-7B-Instruct
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=32768,
+        tie_word_embeddings=False, use_sliding_window=False)),
     "qwen2.5-0.5b": (Qwen2Config, dict(  # Qwen/Qwen2.5-Coder-0.5B-Instruct (the embedded qwen2.5-coder-0.5b)
         vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
         num_key_value_heads=2, rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=32768,
@@ -141,6 +145,14 @@ def _stock_implementation(model_class_name: str, requested: str) -> str:
     return requested
 
 
+def _check_implementation(requested: str) -> None:
+    """flash_attention_2 without flash-attn: kvfactory's clear error instead of transformers' ImportError."""
+    if requested == "flash_attention_2":
+        from kvfactory.attention import require_flash_attn
+
+        require_flash_attn()
+
+
 def _remember_request(model: PreTrainedModel, requested: str) -> PreTrainedModel:
     if model.config._attn_implementation != requested:
         setattr(model, ATTENTION_REQUEST, requested)
@@ -154,6 +166,7 @@ def random_model(config: str | PretrainedConfig, *, seed: int = 0, dtype: str | 
     on ``device`` (no fp32 CPU copy of an 8B model first)."""
     if isinstance(config, str):
         config = model_config(config, **overrides)
+    _check_implementation(attn_implementation)
     resolved = resolve_dtype(dtype)
     torch_dtype = torch.float32 if resolved == "auto" else resolved
     torch.manual_seed(seed)
@@ -209,6 +222,7 @@ def load(name_or_path: str, *, dtype: str | torch.dtype = "float32", attn_implem
     if name_or_path.startswith("random:"):
         return random_model(name_or_path.split(":", 1)[1], seed=seed, dtype=dtype,
                             attn_implementation=attn_implementation, device=device), None
+    _check_implementation(attn_implementation)
     path = _checkpoint_path(name_or_path)
     torch_dtype = resolve_dtype(dtype)
     architectures = AutoConfig.from_pretrained(path).architectures or [""]

@@ -21,7 +21,7 @@ from transformers.cache_utils import DynamicCache
 from kvfactory import methods as method_registry
 from kvfactory.architectures import adapter_for
 from kvfactory.architectures.base import ArchitectureAdapter
-from kvfactory.attention import ATTENTION_IMPLEMENTATIONS, AttentionSpec, attend, flash_attn_available
+from kvfactory.attention import ATTENTION_IMPLEMENTATIONS, AttentionSpec, attend, require_flash_attn
 from kvfactory.cache import CompressedCache
 from kvfactory.methods.base import Compressor
 from kvfactory.models import ATTENTION_REQUEST
@@ -36,6 +36,16 @@ def attention_implementation(model: nn.Module) -> str:
     """The attention kvfactory runs for ``model``: its own ``attn_implementation``, or the sdpa asked of
     ``kvfactory.models.load`` for a class transformers builds only with eager (Phi-3 in 4.44.2)."""
     return getattr(model, ATTENTION_REQUEST, None) or model.config._attn_implementation
+
+
+def _check_flash_ready(model: nn.Module) -> None:
+    """flash_attention_2 needs flash-attn, and its CUDA kernels take fp16/bf16 only: say so before the first forward
+    rather than fail inside a kernel."""
+    require_flash_attn()
+    weights = next(model.parameters(), None)
+    if weights is not None and weights.device.type == "cuda" and weights.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"attn_implementation='flash_attention_2' runs float16 or bfloat16 on CUDA; this model is "
+                         f"{weights.dtype}. Load it with dtype='bfloat16' (or 'float16'), or use 'sdpa' or 'eager'")
 
 
 @dataclass
@@ -237,8 +247,8 @@ def patch(model: nn.Module, method: str | Compressor = "fullkv", **params: Any) 
         raise ValueError(
             f"attn_implementation {implementation!r} is not supported; use one of {', '.join(ATTENTION_IMPLEMENTATIONS)}"
         )
-    if implementation == "flash_attention_2" and not flash_attn_available():
-        raise ValueError("attn_implementation='flash_attention_2' needs the flash-attn package; install it or use sdpa")
+    if implementation == "flash_attention_2":
+        _check_flash_ready(model)
     if getattr(model, HANDLE_ATTRIBUTE, None) is not None:
         raise ValueError("this model is already patched; call remove() on its handle first")
     from kvfactory import quant

@@ -1,7 +1,12 @@
 """Shared fixtures: tiny random-weight models built from in-code configs (no download, about a second each)."""
 from __future__ import annotations
 
+import functools
 import logging
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Iterator
 
 import pytest
 import torch
@@ -57,3 +62,98 @@ def method_params(name: str, **params: object) -> dict[str, object]:
     if name == "headkv":
         params.setdefault("head_scores", synthetic_head_scores())
     return params
+
+
+STAND_INS = Path(__file__).resolve().parent / "stand_ins"
+_FLASH_MODEL_MODULES = ("llama", "mistral", "mixtral", "qwen2", "phi3", "gpt_neox")
+
+
+@pytest.fixture
+def flash_stand_in(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
+    """The test-only ``flash_attn`` of ``tests/stand_ins`` (pure torch, CPU) on ``sys.path``, and transformers 4.44.2
+    made to use it: ``is_flash_attn_2_available()`` (False without CUDA) answers True, and the names its modules
+    import only when flash-attn was available at their import (``flash_attn_func``, ``flash_attn_varlen_func``, the
+    padding helpers, ``_flash_attention_forward``) are set. Everything is undone afterwards, so other tests still see
+    a machine without flash-attn."""
+    import importlib
+
+    import transformers.modeling_flash_attention_utils as flash_utils
+    from transformers.utils import import_utils
+
+    monkeypatch.syspath_prepend(str(STAND_INS))
+    importlib.invalidate_caches()
+    _forget_flash_attn()
+    import flash_attn
+    from flash_attn import bert_padding
+
+    assert getattr(flash_attn, "STAND_IN", False), f"a real flash_attn shadows the stand-in: {flash_attn.__file__}"
+    for name in _FLASH_MODEL_MODULES:
+        importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+    for module in [m for name, m in sys.modules.items() if name.startswith("transformers") and m is not None]:
+        if hasattr(module, "is_flash_attn_2_available"):
+            monkeypatch.setattr(module, "is_flash_attn_2_available", lambda: True)
+        if module.__name__.startswith("transformers.models.") and hasattr(module, "is_flash_attn_2_available"):
+            monkeypatch.setattr(module, "_flash_attention_forward", flash_utils._flash_attention_forward, raising=False)
+    for name, value in (("flash_attn_func", flash_attn.flash_attn_func),
+                        ("flash_attn_varlen_func", flash_attn.flash_attn_varlen_func),
+                        ("index_first_axis", bert_padding.index_first_axis), ("pad_input", bert_padding.pad_input),
+                        ("unpad_input", bert_padding.unpad_input), ("_flash_supports_window_size", True)):
+        monkeypatch.setattr(flash_utils, name, value, raising=False)
+    import_utils.is_flash_attn_greater_or_equal.cache_clear()  # lru-cached; answers from the stand-in's metadata
+    yield flash_attn
+    import_utils.is_flash_attn_greater_or_equal.cache_clear()
+    _forget_flash_attn()
+
+
+def _forget_flash_attn() -> None:
+    for name in [name for name in sys.modules if name == "flash_attn" or name.startswith("flash_attn.")]:
+        del sys.modules[name]
+
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+CUDA_GUARDS = ("is_available",)  # the one torch.cuda call that is itself the guard
+
+
+@functools.lru_cache(maxsize=None)
+def _repository_code(filename: str) -> bool:
+    """Whether ``filename`` is this repository's library, benchmark or CLI code (not its tests, not a library)."""
+    path = Path(filename).resolve()
+    if REPOSITORY not in path.parents or "site-packages" in path.parts:
+        return False
+    relative = path.relative_to(REPOSITORY)
+    return relative.parts[0] in ("kvfactory", "benchmarks", "scripts") or (
+        len(relative.parts) == 1 and relative.name.startswith("run_"))
+
+
+@pytest.fixture
+def cuda_forbidden(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """A CPU machine where this repository's code may not touch CUDA: every public ``torch.cuda`` function but
+    ``is_available`` (which answers False), and ``Tensor.cuda`` / ``Module.cuda``, raise when called from
+    ``kvfactory/``, ``benchmarks/``, ``scripts/`` or ``run_*.py``, and the call is recorded in the returned list
+    (a broad ``except`` in the code under test cannot hide it). Calls from torch, transformers or accelerate pass
+    through: guarding those is their business."""
+    import inspect
+
+    calls: list[str] = []
+
+    def forbid(name: str, original: object) -> object:
+        def guarded(*args: object, **kwargs: object) -> object:
+            frame = sys._getframe(1)
+            if _repository_code(frame.f_code.co_filename):
+                where = f"{Path(frame.f_code.co_filename).relative_to(REPOSITORY)}:{frame.f_lineno}"
+                calls.append(f"{name} at {where}")
+                raise AssertionError(f"unguarded {name}() at {where} on a machine without CUDA")
+            return original(*args, **kwargs)  # type: ignore[operator]
+
+        return guarded
+
+    for name in dir(torch.cuda):
+        attribute = getattr(torch.cuda, name)
+        if name.startswith("_") or name in CUDA_GUARDS or not (inspect.isfunction(attribute)
+                                                               or inspect.isbuiltin(attribute)):
+            continue
+        monkeypatch.setattr(torch.cuda, name, forbid(f"torch.cuda.{name}", attribute))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.Tensor, "cuda", forbid("Tensor.cuda", torch.Tensor.cuda))
+    monkeypatch.setattr(torch.nn.Module, "cuda", forbid("Module.cuda", torch.nn.Module.cuda))
+    yield calls

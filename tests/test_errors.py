@@ -81,9 +81,12 @@ def test_unsupported_model_names_the_supported_ones() -> None:
 def test_flash_attention_without_the_package_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     model = tiny_model("llama")
     monkeypatch.setattr(model.config, "_attn_implementation", "flash_attention_2")
-    monkeypatch.setattr("kvfactory.patching.flash_attn_available", lambda: False)
-    with pytest.raises(ValueError, match="needs the flash-attn package"):
+    monkeypatch.setattr("kvfactory.attention.flash_attn_available", lambda: False)
+    with pytest.raises(ValueError, match="needs the flash-attn package") as error:
         kvfactory.patch(model, "snapkv")
+    assert "Accepted implementations: eager, sdpa, flash_attention_2" in str(error.value)
+    with pytest.raises(ValueError, match="needs the flash-attn package"):
+        kvfactory.models.random_model("tiny-llama", attn_implementation="flash_attention_2")
 
 
 def test_foreign_cache_is_rejected() -> None:
