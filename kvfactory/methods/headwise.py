@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
-
 import torch
 
 from kvfactory.methods.base import WindowedCompressor, check_shapes
-from kvfactory.methods.scoring import grouped_logits, pool_scores, reduce_groups
+from kvfactory.methods.scoring import PrefillAttention, grouped_logits, pool_scores, reduce_groups
 
 
 def masked_window_attention(queries: torch.Tensor, keys: torch.Tensor, window_size: int,
@@ -33,7 +31,7 @@ class HeadwiseCompressor(WindowedCompressor):
 
     kernel_size: int = 7
     pooling: str = "maxpool"
-    headwise: ClassVar[bool] = True
+    layout = "ragged"
     scores_with_queries = True
 
     def past_scores(self, queries: torch.Tensor, keys: torch.Tensor, key_valid: torch.Tensor | None
@@ -52,14 +50,9 @@ class HeadwiseCompressor(WindowedCompressor):
         """Past tokens each head keeps, ``(B, Hkv)`` int64."""
         raise NotImplementedError
 
-    def layer_token_budget(self, capacity: int, layer_idx: int, num_layers: int, num_query_heads: int,
-                           num_kv_heads: int) -> int:
-        """Tokens the whole layer holds per sample at ``capacity`` (window included): ``Hkv · capacity``."""
-        return num_kv_heads * capacity
-
     def select_mask(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *, layer_idx: int = 0,
-                    num_layers: int = 1, capacity: int | None = None, key_valid: torch.Tensor | None = None
-                    ) -> torch.Tensor:
+                    num_layers: int = 1, capacity: int | None = None, key_valid: torch.Tensor | None = None,
+                    prefill_attention: PrefillAttention | None = None) -> torch.Tensor:
         """Boolean ``(B, Hkv, n)``: the tokens kept (all of them when the capacity covers the sequence)."""
         batch, heads, n, _ = keys.shape
         if capacity is None:

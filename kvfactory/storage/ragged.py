@@ -27,6 +27,7 @@ slot, plus an int32 index per row slot for a batch) included.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -179,6 +180,28 @@ class RaggedStore:
         valid = self.tail_valid
         return [float(self.lengths[b].float().mean()) + (self.tail_length if valid is None else int(valid[b].sum()))
                 for b in range(self.lengths.shape[0])]
+
+    def mean_kept(self) -> float:
+        """Mean tokens per KV head over the batch (invalid tail tokens not counted)."""
+        kept = self.kept_per_sample()
+        return sum(kept) / len(kept)
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """Positions ``(B, Hkv, T)`` of every head's tokens, left-padded with -1 (prefix then tail)."""
+        return self.padded()[2]
+
+    def key_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded copies of the keys and values, ``(B, Hkv, T, d)`` (for inspection)."""
+        keys, values, _, _ = self.padded()
+        return keys, values
+
+    def snapshot(self) -> Any:
+        """The tail length: the prefix never changes, appended tokens are dropped by :meth:`restore`."""
+        return self.tail_length
+
+    def restore(self, snapshot: Any) -> None:
+        self.tail_length = min(self.tail_length, snapshot)
 
     def nbytes(self) -> int:
         tensors = [self._keys, self._values, self.flat_positions, self.lengths, self._tail_positions, self._tail_valid]
