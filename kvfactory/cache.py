@@ -64,7 +64,8 @@ class CompressedCache(Cache):
     def get_usable_length(self, new_seq_length: int, layer_idx: int | None = 0) -> int:
         return self._seen_tokens
 
-    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):  # type: ignore[override]
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+               cache_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         raise RuntimeError(
             "CompressedCache is filled by kvfactory's patched attention; an unpatched attention called update(). "
             "Was the patch removed while this cache was still in use?"
@@ -243,12 +244,12 @@ class CompressedCache(Cache):
     def _hold_headwise_budget(self, layer_idx: int, store: Any, budget: int) -> None:
         """Re-apply a head-wise method to each sample holding more than ``Hkv × capacity`` tokens (on a padded view
         cropped to that sample); the other samples keep everything, and the tail is folded into the prefix."""
-        interval = self.method.decode_interval
+        interval, decoder = self.method.decode_interval, self.method.decode_method
         heads = store.lengths.shape[1]
         totals = store.head_lengths().sum(-1).tolist()
         lengths = self._lengths_after_step()
-        capacities = [self.method.capacity(layer_idx, self.num_layers, length, budget) for length in lengths]
-        targets = [self.method.layer_token_budget(
+        capacities = [decoder.capacity(layer_idx, self.num_layers, length, budget) for length in lengths]
+        targets = [decoder.layer_token_budget(
             cap, layer_idx, self.num_layers, self.num_query_heads, heads) for cap in capacities]
         over = [b for b, (total, target) in enumerate(zip(totals, targets)) if total > target]
         if store.tail_length < interval or not over:
@@ -260,7 +261,7 @@ class CompressedCache(Cache):
             start = keys.shape[2] - int(store.head_lengths()[b].max())
             row = (slice(b, b + 1), slice(None), slice(start, None))
             queries = keys[row][..., -1:, :] if window is None else window[b : b + 1]
-            keep[row] = self.method.select_mask(
+            keep[row] = decoder.select_mask(
                 queries, keys[row], values[row], layer_idx=layer_idx, num_layers=self.num_layers,
                 capacity=capacities[b], key_valid=valid[row],
             )
@@ -301,9 +302,9 @@ class CompressedCache(Cache):
         if self.method.layout == "ragged":
             self._hold_headwise_budget(layer_idx, store, budget)
             return
-        interval = self.method.decode_interval
+        interval, decoder = self.method.decode_interval, self.method.decode_method
         lengths = self._lengths_after_step()
-        capacities = [self.method.capacity(layer_idx, self.num_layers, length, budget) for length in lengths]
+        capacities = [decoder.capacity(layer_idx, self.num_layers, length, budget) for length in lengths]
         if store.valid is None and len(set(capacities)) == 1:  # one vectorized call for the whole batch
             if store.length < capacities[0] + interval:
                 return
@@ -322,7 +323,7 @@ class CompressedCache(Cache):
                 continue
             # query-free methods never read the queries: the last key stands in as a placeholder
             queries = view.keys[..., -1:, :] if window is None else window
-            kept = self.method.compress_tokens(
+            kept = decoder.compress_tokens(
                 queries, view.keys, view.values, layer_idx=layer_idx, num_layers=self.num_layers,
                 capacity=capacity, accumulated=view.extras.get(SCORES),
             )

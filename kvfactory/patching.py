@@ -25,7 +25,8 @@ from kvfactory.attention import ATTENTION_IMPLEMENTATIONS, AttentionSpec, attend
 from kvfactory.cache import CompressedCache
 from kvfactory.methods.base import Compressor
 from kvfactory.models import ATTENTION_REQUEST
-from kvfactory.storage.base import DenseStorage, StorageFactory
+from kvfactory.quant import kv_shape
+from kvfactory.storage.base import ModelContext, StorageFactory, default_storage
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class PatchHandle:
         self.attention_modules = adapter.attention_modules(model)
         self.num_layers = len(self.attention_modules)
         self.spec = AttentionSpec(attention_implementation(model), adapter.sliding_window(config))
-        self.storage: StorageFactory = DenseStorage()
+        self.storage: StorageFactory = default_storage()
         self.last_cache: CompressedCache | None = None
         self._step: _Step | None = None
         self._undo: list[Callable[[], None]] = []
@@ -241,26 +242,12 @@ def patch(model: nn.Module, method: str | Compressor = "fullkv", **params: Any) 
         raise ValueError("attn_implementation='flash_attention_2' needs the flash-attn package; install it or use sdpa")
     if getattr(model, HANDLE_ATTRIBUTE, None) is not None:
         raise ValueError("this model is already patched; call remove() on its handle first")
-    from kvfactory import quant
-
-    quant_params = {name: params.pop(name) for name in list(params) if name in quant.QUANT_PARAMETERS}
-    if quant_params.get("quant_method") in (None, "", "none"):
-        stray = sorted(name for name in quant_params if name != "quant_method")
-        if stray:
-            raise ValueError(f"{', '.join(stray)} given without quant_method; set quant_method or drop them")
-        quant_params = {}
-    if isinstance(method, Compressor):
-        if params:
-            raise ValueError("pass parameters either in the compressor instance or as keyword arguments, not both")
-        compressor = method
-    else:
-        compressor = method_registry.get(method, **params)
+    compressor = method_registry.wrap(method, **params) if isinstance(method, Compressor) else (
+        method_registry.get(method, **params))
     handle = PatchHandle(model, compressor, adapter)
-    if quant_params:
-        handle.storage, handle.method = quant.configure(
-            compressor, quant_params, rotary=handle.rotate, num_layers=handle.num_layers, config=model.config,
-            dtype=next(model.parameters()).dtype,
-        )
+    heads, head_dim = kv_shape(model.config)
+    handle.storage = compressor.make_storage(ModelContext(
+        handle.num_layers, heads, head_dim, next(model.parameters()).dtype, handle.rotate))
     handle._install()
     logger.info("patched %s with %s", type(model).__name__, compressor)
     return handle

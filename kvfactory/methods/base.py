@@ -18,7 +18,8 @@ that tests and outside parity checks call.
   ``needs_decode_attention`` (every decoded token's attention weights, folded per KV head by
   ``decode_attention_scores`` into a per-slot accumulator), ``query_window_size`` (recent queries kept for
   decode-time re-scoring), ``token_scores`` (the accumulators' start when nothing was evicted);
-- decoding: ``decode_budget_tokens`` (``None``: the cache grows) and ``decode_interval``;
+- decoding: ``decode_budget_tokens`` (``None``: the cache grows), ``decode_interval`` and ``decode_method`` (the
+  compressor re-applied while decoding: this one unless a decode-time policy names another);
 - ``make_storage(context)``: the storage factory of the cache (dense full precision unless a wrapper quantizes).
 
 Composition (head-wise allocation over any scorer, quantization, decode-time budgets, per-layer budgets) is done by
@@ -137,6 +138,12 @@ class Compressor:
     def decode_interval(self) -> int:
         """Re-apply the method every this many decoded tokens once the decode budget is reached."""
         return 1
+
+    @property
+    def decode_method(self) -> "Compressor":
+        """The compressor the cache re-applies while decoding (its ``capacity``, ``compress_tokens`` or
+        ``select_mask``, ``layer_token_budget``): this one unless a decode-time policy names another."""
+        return self
 
     def decode_attention_scores(self, weights: torch.Tensor) -> torch.Tensor:
         """Fold the attention weights of the new tokens, ``(B, Hkv, g, n, T)`` (padded tokens zeroed), into per-slot
@@ -350,6 +357,16 @@ class WindowedCompressor(BudgetedCompressor):
     ) -> torch.Tensor:
         """Importance ``(B, Hkv, n - W)`` of every past (non-window) token; higher is kept."""
         raise NotImplementedError
+
+    # whether score() returns attention mass (non-negative, comparable across heads as shares): AdaKV's allocation
+    # then normalizes each head's scores by the share of its mass in its top budget
+    scores_are_attention_mass: ClassVar[bool] = True
+
+    def past_token_scores(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *, layer_idx: int,
+                          prefill_attention: PrefillAttention | None = None) -> torch.Tensor:
+        """The scorer contract read by head-wise allocation (:class:`~kvfactory.methods.wrappers.HeadwiseAllocation`):
+        importance ``(B, Hkv, n - W)`` of every past token, higher kept. ``score`` unless a method overrides."""
+        return self.score(queries, keys, values, layer_idx=layer_idx)
 
     def select(
         self,

@@ -270,19 +270,30 @@ class RaggedStore:
         """Drop tail tokens beyond ``length`` slots of the longest head (the prefix is never cut)."""
         self.tail_length = min(self.tail_length, max(0, length - int(self.lengths.max())))
 
+    @property
+    def _buffer_prefix(self) -> int:
+        """Prefix rows held in the full-precision buffers before the tail (all of them here; a quantized subclass
+        holds fewer)."""
+        return self.prefix_size
+
+    def _attention_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of every row slot, prefix then tail, in full precision."""
+        return self._keys, self._values
+
     def _tail_blocks(self, buffer: torch.Tensor) -> torch.Tensor:
         """The tail part of a buffer as ``(B, capacity, Hkv, d)`` (a view)."""
         batch, heads = self.lengths.shape
-        return buffer[self.prefix_size :].view(batch, self.layout.tail_capacity, heads, buffer.shape[-1])
+        return buffer[self._buffer_prefix :].view(batch, self.layout.tail_capacity, heads, buffer.shape[-1])
 
     def _grow_tail(self, capacity: int) -> None:
         """Re-allocate the buffers with room for ``capacity`` tail tokens per sample (the contents are kept)."""
         batch, heads = self.lengths.shape
 
         def grown(buffer: torch.Tensor) -> torch.Tensor:
-            bigger = buffer.new_zeros(self.prefix_size + batch * capacity * heads, buffer.shape[-1])
-            bigger[: self.prefix_size] = buffer[: self.prefix_size]
-            bigger[self.prefix_size :].view(batch, capacity, heads, -1)[:, : self.tail_length] = (
+            kept = self._buffer_prefix
+            bigger = buffer.new_zeros(kept + batch * capacity * heads, buffer.shape[-1])
+            bigger[:kept] = buffer[:kept]
+            bigger[kept:].view(batch, capacity, heads, -1)[:, : self.tail_length] = (
                 self._tail_blocks(buffer)[:, : self.tail_length])
             return bigger
 
@@ -308,7 +319,7 @@ class RaggedStore:
         heads = self.lengths.shape[1]
         slots = self.layout.prefix_slots + self.tail_length * heads
         keys, values = (self.layout.rows(buffer, slots)[:, None].expand(-1, heads, -1, -1)
-                        for buffer in (self._keys, self._values))
+                        for buffer in self._attention_buffers())
         mask = self._row_mask(n, num_q_heads // heads, slots, spec, query_valid, query_positions)
         grouped = queries.reshape(batch, heads, num_q_heads // heads * n, head_dim)  # rows: (group, token)
         output = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask)
