@@ -195,3 +195,21 @@ def test_quantized_ragged_attention_equals_attention_over_its_dequantized_tokens
     store.append(keys[:, :, :1], values[:, :, :1], torch.tensor([[n + 2]] * batch))
     store.restore(snapshot)
     assert store.tail_length == 2 and store.mean_kept() == reference.mean_kept()
+
+
+def test_runner_flags_compose_a_scorer() -> None:
+    import argparse
+
+    from kvfactory.benchmarks.common import add_method_arguments, add_model_arguments, method_label, patch_parameters
+
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser)
+    add_method_arguments(parser)
+    args = parser.parse_args(["--method", "adakv", "--max_capacity_prompts", "16", "--method_kwargs",
+                              '{"scorer": "l2norm", "skip_layers": []}'])
+    name, params = patch_parameters(args)
+    assert method_label(name, params) == "adakv_scorer-l2norm"
+    with kvfactory.patch(tiny_model("llama"), name, **params) as handle, torch.no_grad():
+        handle.model(random_prompt(40), use_cache=True)
+    assert handle.method.describe()["scorer"] == "l2norm"
+    assert [int(store.head_lengths().sum()) for store in handle.last_cache.stores] == [HKV * 16] * 2

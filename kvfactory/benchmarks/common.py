@@ -122,8 +122,12 @@ def budget_label(args: argparse.Namespace) -> str:
 
 
 def method_label(name: str, params: dict[str, Any]) -> str:
-    """File name of a method's results: the method plus merge / quantization when used."""
+    """File name of a method's results: the method plus scorer / decode method / merge / quantization when used."""
     label = name
+    if params.get("scorer"):
+        label += f"_scorer-{params['scorer']}"
+    if params.get("decode_method"):
+        label += f"_decode-{params['decode_method']}"
     if params.get("merge"):
         label += f"_merge-{params['merge']}"
     if params.get("quant_method"):
