@@ -113,6 +113,19 @@ def test_headwise_allocation_in_a_model_holds_hkv_times_c_per_layer(scorer: str)
     assert tokens.shape == (1, 5)
 
 
+@pytest.mark.parametrize("scorer", ["snapkv", "l2norm"])
+def test_headwise_allocation_holds_a_decode_budget(scorer: str) -> None:
+    model = tiny_model("llama")
+    params = dict(skip_layers=[]) if scorer == "l2norm" else {}
+    with kvfactory.patch(model, "adakv", scorer=scorer, max_capacity_prompt=20, decode_budget=24, **params) as handle:
+        greedy(model, random_prompt(40), 30)
+        cache = handle.last_cache
+    assert sum(cache.compressions) > 0
+    assert all(kept <= 24 for kept in cache.mean_kept_tokens()), cache.mean_kept_tokens()
+    with pytest.raises(ValueError, match="per-slot accumulators"):
+        methods.get("adakv", scorer="h2o", decode_budget=24)
+
+
 def test_per_layer_budgets_as_a_list_or_a_function() -> None:
     model = tiny_model("llama")
     for budgets in ([12, 24], lambda layer, layers: 12 * (layer + 1)):
