@@ -52,6 +52,8 @@ class CompressedCache(Cache):
         self.step_valid: torch.Tensor | None = None  # (B, n) validity of the tokens of the forward in flight
         self._step_counts: list[int] = []
         self._step_tokens = 0
+        # True while the later chunks of a chunked prefill run: compress to the prefill capacity after each
+        self.compressing_chunks = False
 
     # -- transformers' Cache interface -------------------------------------------------------------------------
     def get_seq_length(self, layer_idx: int | None = 0) -> int:
@@ -199,7 +201,10 @@ class CompressedCache(Cache):
                 weights = weights * valid[:, None, None, :, None]
             store.add_to_extra(SCORES, self.method.decode_attention_scores(weights))
         self._remember_queries(layer_idx, queries)
-        self._hold_decode_budget(layer_idx)
+        if self.compressing_chunks:
+            self._compress_chunk(layer_idx, queries)
+        else:
+            self._hold_decode_budget(layer_idx)
         return output
 
     # -- internals ---------------------------------------------------------------------------------------------
@@ -241,10 +246,20 @@ class CompressedCache(Cache):
         if window:
             self.query_windows[layer_idx] = queries[..., -window:, :].clone()
 
-    def _hold_headwise_budget(self, layer_idx: int, store: Any, budget: int) -> None:
+    def _compress_chunk(self, layer_idx: int, queries: torch.Tensor) -> None:
+        """A chunk of a chunked prefill was appended: compress to the prefill capacity, scoring with its queries."""
+        store = self.stores[layer_idx]
+        if self.method.layout == "ragged":
+            self._hold_headwise_budget(layer_idx, store, None, self.method, 1, queries)
+        else:
+            self._recompress_dense(layer_idx, store, self.method, None, 1, queries)
+        self.prefill_kept[layer_idx] = [round(self.stores[layer_idx].mean_kept())] * queries.shape[0]
+
+    def _hold_headwise_budget(self, layer_idx: int, store: Any, budget: int | None, decoder: Compressor,
+                              interval: int, chunk_queries: torch.Tensor | None = None) -> None:
         """Re-apply a head-wise method to each sample holding more than ``Hkv × capacity`` tokens (on a padded view
-        cropped to that sample); the other samples keep everything, and the tail is folded into the prefix."""
-        interval, decoder = self.method.decode_interval, self.method.decode_method
+        cropped to that sample); the other samples keep everything, and the tail is folded into the prefix.
+        ``chunk_queries`` (a chunked prefill) replace the kept query window."""
         heads = store.lengths.shape[1]
         totals = store.head_lengths().sum(-1).tolist()
         lengths = self._lengths_after_step()
@@ -256,7 +271,7 @@ class CompressedCache(Cache):
             return
         keys, values, positions, valid = store.padded()
         keep = valid.clone()
-        window = self.query_windows[layer_idx]
+        window = self.query_windows[layer_idx] if chunk_queries is None else chunk_queries
         for b in over:
             start = keys.shape[2] - int(store.head_lengths()[b].max())
             row = (slice(b, b + 1), slice(None), slice(start, None))
@@ -299,22 +314,29 @@ class CompressedCache(Cache):
             return
         store = self.stores[layer_idx]
         assert store is not None
-        if self.method.layout == "ragged":
-            self._hold_headwise_budget(layer_idx, store, budget)
-            return
         interval, decoder = self.method.decode_interval, self.method.decode_method
+        if self.method.layout == "ragged":
+            self._hold_headwise_budget(layer_idx, store, budget, decoder, interval)
+        else:
+            self._recompress_dense(layer_idx, store, decoder, budget, interval)
+
+    def _recompress_dense(self, layer_idx: int, store: Any, decoder: Compressor, budget: int | None, interval: int,
+                          chunk_queries: torch.Tensor | None = None) -> None:
+        """Re-apply ``decoder`` to the rows holding at least capacity + ``interval`` slots (``budget`` None: the
+        prefill capacity); ``chunk_queries`` (a chunked prefill) replace the kept query window."""
         lengths = self._lengths_after_step()
         capacities = [decoder.capacity(layer_idx, self.num_layers, length, budget) for length in lengths]
         if store.valid is None and len(set(capacities)) == 1:  # one vectorized call for the whole batch
             if store.length < capacities[0] + interval:
                 return
             views = [StoreRow(store.keys, store.values, store.positions, {n: store.extra(n) for n in store.extra_names})]
-            windows, capacities = [self.query_windows[layer_idx]], capacities[:1]
+            window = self.query_windows[layer_idx] if chunk_queries is None else chunk_queries
+            windows, capacities = [window], capacities[:1]
         else:
             views = [store.row(b) for b in range(len(lengths))]
             if all(view.keys.shape[-2] < cap + interval for view, cap in zip(views, capacities)):
                 return
-            window = self.query_windows[layer_idx]
+            window = self.query_windows[layer_idx] if chunk_queries is None else chunk_queries
             windows = [None if window is None else window[b : b + 1] for b in range(len(lengths))]
         rows = []
         for view, window, capacity in zip(views, windows, capacities):

@@ -166,6 +166,9 @@ class PatchHandle:
             if cache is not None:
                 arguments["past_key_values"] = cache
             valid = self._new_token_validity(arguments.get("attention_mask"), new_tokens)
+            chunk = self.method.prefill_chunk_size
+            if chunk is not None and cache is not None and cache.get_seq_length() == 0 and new_tokens > chunk:
+                return self._prefill_in_chunks(forward, arguments, extra, cache, valid, chunk)
             with self._running(cache, valid, inputs.shape[0], new_tokens):
                 self.adapter.prepare_base_call(arguments, self, new_tokens)
                 output = original(**arguments, **extra)
@@ -177,6 +180,42 @@ class PatchHandle:
             return output
 
         return forward
+
+    @staticmethod
+    def _prefill_in_chunks(forward: Callable[..., Any], arguments: dict[str, Any], extra: dict[str, Any],
+                           cache: CompressedCache, valid: torch.Tensor | None, chunk: int) -> Any:
+        """Run a fresh cache's prompt through ``forward`` ``chunk`` tokens at a time; after the first chunk the cache
+        compresses to the prefill capacity after each chunk (``compressing_chunks``). The output is the last chunk's,
+        with the hidden states of every chunk concatenated."""
+        if valid is not None:
+            raise ValueError("prefill_chunk_size needs an unpadded batch (left padding would leave chunks without real "
+                             "tokens); run padded prompts one at a time")
+        if arguments.get("output_attentions") or arguments.get("output_hidden_states"):
+            raise ValueError("prefill_chunk_size does not return per-layer attentions or hidden states")
+        key = "input_ids" if arguments.get("input_ids") is not None else "inputs_embeds"
+        total = arguments[key].shape[1]
+        hidden, output = [], None
+        for start in range(0, total, chunk):
+            stop = min(total, start + chunk)
+            part = dict(arguments, past_key_values=cache, use_cache=True)
+            part[key] = arguments[key][:, start:stop]
+            if arguments.get("attention_mask") is not None:
+                part["attention_mask"] = arguments["attention_mask"][:, :stop]
+            for name in ("position_ids", "cache_position"):
+                if arguments.get(name) is not None:
+                    part[name] = arguments[name][..., start:stop]
+            cache.compressing_chunks = start > 0
+            try:
+                output = forward(**part, **extra)
+            finally:
+                cache.compressing_chunks = False
+            hidden.append(output[0])
+        assert output is not None
+        states = torch.cat(hidden, dim=1)
+        if isinstance(output, tuple):
+            return (states, *output[1:])
+        output.last_hidden_state = states
+        return output
 
     @staticmethod
     def _new_token_validity(attention_mask: torch.Tensor | None, new_tokens: int) -> torch.Tensor | None:

@@ -218,11 +218,51 @@ def test_runner_flags_compose_a_scorer() -> None:
     parser = argparse.ArgumentParser()
     add_model_arguments(parser)
     add_method_arguments(parser)
-    args = parser.parse_args(["--method", "adakv", "--max_capacity_prompts", "16", "--method_kwargs",
-                              '{"scorer": "l2norm", "skip_layers": []}'])
+    args = parser.parse_args(["--method", "adakv", "--max_capacity_prompts", "16", "--prefill_chunk_size", "32",
+                              "--method_kwargs", '{"scorer": "l2norm", "skip_layers": []}'])
     name, params = patch_parameters(args)
-    assert method_label(name, params) == "adakv_scorer-l2norm"
+    assert method_label(name, params) == "adakv_scorer-l2norm_chunk32"
     with kvfactory.patch(tiny_model("llama"), name, **params) as handle, torch.no_grad():
         handle.model(random_prompt(40), use_cache=True)
-    assert handle.method.describe()["scorer"] == "l2norm"
+    assert handle.method.describe()["scorer"] == "l2norm" and handle.method.prefill_chunk_size == 32
     assert [int(store.head_lengths().sum()) for store in handle.last_cache.stores] == [HKV * 16] * 2
+
+
+@pytest.mark.parametrize("name", ["snapkv", "adakv", "streamingllm"])
+def test_chunked_prefill_bounds_each_layer_and_generates(name: str) -> None:
+    """A 100-token prompt in chunks of 16 with C=24: after each chunk every layer is back at C (so it never holds
+    more than C + 16), the logical length is the prompt's, and generation continues from the compressed cache."""
+    model = tiny_model("llama")
+    prompt = random_prompt(100)
+    peaks: list[int] = []
+    with kvfactory.patch(model, name, max_capacity_prompt=24, prefill_chunk_size=16) as handle:
+        original = handle.last_cache
+        with torch.no_grad():
+            cache = handle.new_cache()
+            forward_layer = cache.forward_layer
+
+            def watched(layer_idx, *args):
+                output = forward_layer(layer_idx, *args)
+                store = cache.stores[layer_idx]
+                peaks.append(int(store.head_lengths().max()) if hasattr(store, "head_lengths") else store.length)
+                return output
+
+            cache.forward_layer = watched
+            logits = model(prompt, past_key_values=cache, use_cache=True).logits
+        assert logits.shape[1] == 100 and cache.get_seq_length() == 100 and original is None
+        assert max(cache.mean_kept_tokens()) <= 24 and max(peaks) <= 24 + 16 and len(peaks) == 2 * 7
+        assert cache.prefill_kept == [[24], [24]] or name == "adakv"
+        tokens = greedy(model, prompt, 5)
+    assert tokens.shape == (1, 5)
+
+
+def test_chunked_prefill_of_fullkv_equals_the_unchunked_logits() -> None:
+    model = tiny_model("llama")
+    prompt = random_prompt(50)
+    with torch.no_grad():
+        expected = model(prompt).logits
+        with kvfactory.patch(model, "fullkv", prefill_chunk_size=16):
+            chunked = model(prompt, use_cache=True).logits
+    assert (chunked - expected).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="whole prompt"):
+        methods.get("h2o", prefill_chunk_size=16)

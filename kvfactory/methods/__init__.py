@@ -4,7 +4,8 @@ Besides a method's own parameters, ``get`` (and so ``kvfactory.patch`` and the r
 the composition keywords of :data:`COMPOSITION_PARAMETERS`, each turned into a wrapper of
 :mod:`kvfactory.methods.wrappers` (see its docstring): ``scorer=`` (AdaKV's head-wise allocation over any scorer),
 a list or function as ``max_capacity_prompt`` (one budget per layer), ``decode_method=`` / ``decode_method_kwargs=``
-(another method re-applied while decoding, at ``decode_budget``), and the quantization parameters of
+(another method re-applied while decoding, at ``decode_budget``), ``prefill_chunk_size=`` (prefill in chunks,
+compressing after each), and the quantization parameters of
 :mod:`kvfactory.quant` (``quant_method``, ``nbits``, ...).
 """
 from __future__ import annotations
@@ -24,7 +25,9 @@ from kvfactory.methods.pyramidkv import PyramidKV
 from kvfactory.methods.random_selection import RandomSelection
 from kvfactory.methods.snapkv import SnapKV
 from kvfactory.methods.streamingllm import StreamingLLM
-from kvfactory.methods.wrappers import DecodingPolicy, HeadwiseAllocation, MethodWrapper, PerLayerBudget, Quantized
+from kvfactory.methods.wrappers import (
+    ChunkedPrefill, DecodingPolicy, HeadwiseAllocation, MethodWrapper, PerLayerBudget, Quantized,
+)
 from kvfactory import quant
 
 REGISTRY: dict[str, type[Compressor]] = {
@@ -34,7 +37,8 @@ REGISTRY: dict[str, type[Compressor]] = {
 ALIASES = {"full": "fullkv", "streaming": "streamingllm", "ada-snapkv": "adakv"}
 # head-wise allocations that take scorer=: the method name -> the parameters that belong to the allocation
 ALLOCATIONS: dict[str, tuple[str, ...]] = {"adakv": ("floor_ratio", "normalize")}
-COMPOSITION_PARAMETERS = ("scorer", "decode_method", "decode_method_kwargs", *quant.QUANT_PARAMETERS)
+COMPOSITION_PARAMETERS = ("scorer", "decode_method", "decode_method_kwargs", "prefill_chunk_size",
+                          *quant.QUANT_PARAMETERS)
 
 
 def names() -> list[str]:
@@ -91,6 +95,7 @@ def get(name: str, **params: Any) -> Compressor:
     scorer = params.pop("scorer", None)
     decode_method = params.pop("decode_method", None)
     decode_kwargs = params.pop("decode_method_kwargs", None) or {}
+    chunk_size = params.pop("prefill_chunk_size", None)
     per_layer = None
     if isinstance(params.get("max_capacity_prompt"), (list, tuple)) or callable(params.get("max_capacity_prompt")):
         per_layer = params.pop("max_capacity_prompt")
@@ -121,11 +126,13 @@ def get(name: str, **params: Any) -> Compressor:
     if decode_method is not None:
         method = DecodingPolicy(method, decoding["decode_budget"], decoding.get("compress_interval", 1),
                                 _build(decode_method, dict(decode_kwargs)))
+    if chunk_size is not None:
+        method = ChunkedPrefill(method, chunk_size)
     return wrap(method, **quant_params)
 
 
 __all__ = [
-    "COMPOSITION_PARAMETERS", "DecodingPolicy", "HeadwiseAllocation", "MethodWrapper", "PerLayerBudget", "Quantized",
+    "COMPOSITION_PARAMETERS", "ChunkedPrefill", "DecodingPolicy", "HeadwiseAllocation", "MethodWrapper", "PerLayerBudget", "Quantized",
     "wrap", "AdaKV", "AdaPyramidKV", "BudgetedCompressor", "CAM", "HeadKV", "HeadwiseCompressor", "Compressor", "FullKV", "H2O", "Kept", "L2Norm", "PyramidKV", "RandomSelection",
     "Selection", "SnapKV", "StreamingLLM", "WindowedCompressor", "get", "method_class", "names", "parameters",
 ]

@@ -20,6 +20,7 @@ that tests and outside parity checks call.
   decode-time re-scoring), ``token_scores`` (the accumulators' start when nothing was evicted);
 - decoding: ``decode_budget_tokens`` (``None``: the cache grows), ``decode_interval`` and ``decode_method`` (the
   compressor re-applied while decoding: this one unless a decode-time policy names another);
+- ``prefill_chunk_size``: prefill long prompts in chunks, compressing after each (read by the patched model);
 - ``make_storage(context)``: the storage factory of the cache (dense full precision unless a wrapper quantizes).
 
 Composition (head-wise allocation over any scorer, quantization, decode-time budgets, per-layer budgets) is done by
@@ -138,6 +139,11 @@ class Compressor:
     def decode_interval(self) -> int:
         """Re-apply the method every this many decoded tokens once the decode budget is reached."""
         return 1
+
+    @property
+    def prefill_chunk_size(self) -> int | None:
+        """Prefill a longer prompt this many tokens at a time, compressing after each chunk (None: at once)."""
+        return None
 
     @property
     def decode_method(self) -> "Compressor":

@@ -3,7 +3,8 @@
 Each wrapper is a :class:`~kvfactory.methods.base.Compressor` holding another one (``inner``) and changing one part of
 the contract; the cache cannot tell a wrapper from a method. They nest, innermost first:
 
-``method`` → :class:`PerLayerBudget` → :class:`HeadwiseAllocation` → :class:`DecodingPolicy` → :class:`Quantized`
+``method`` → :class:`PerLayerBudget` → :class:`HeadwiseAllocation` → :class:`DecodingPolicy` →
+:class:`ChunkedPrefill` → :class:`Quantized`
 
 and :func:`kvfactory.methods.get` builds the nesting from keyword arguments (one syntax, also the CLIs'
 ``--method_kwargs``)::
@@ -12,6 +13,7 @@ and :func:`kvfactory.methods.get` builds the nesting from keyword arguments (one
     get("snapkv", max_capacity_prompt=[256, 128, 64, 64])    # one budget per layer (or a function of the layer)
     get("h2o", decode_method="snapkv", decode_budget=128)    # H2O at prefill, SnapKV re-applied while decoding
     get("adakv", quant_method="kivi", nbits=2)               # anything, head-wise included, quantized
+    get("snapkv", prefill_chunk_size=512)                    # prefill 512 tokens at a time, compressing each time
 
 Parameters a wrapper does not own pass through to the method (``wrapper.window_size`` is the inner method's).
 """
@@ -119,6 +121,10 @@ class MethodWrapper(Compressor):
 
     def make_storage(self, context: ModelContext) -> StorageFactory:
         return self.inner.make_storage(context)
+
+    @property
+    def prefill_chunk_size(self) -> int | None:
+        return self.inner.prefill_chunk_size
 
     @property
     def decode_method(self) -> Compressor:
@@ -336,6 +342,31 @@ class DecodingPolicy(MethodWrapper):
         decoder = self.decoder.describe()
         return {**self.inner.describe(), "decode_method": decoder["method"], "decode_budget": decoder["decode_budget"],
                 "compress_interval": decoder["compress_interval"]}
+
+
+class ChunkedPrefill(MethodWrapper):
+    """Prefill a prompt longer than ``chunk_size`` tokens one chunk at a time, compressing to the method's prefill
+    capacity after each chunk, so a layer never holds more than ``C + chunk_size`` tokens (kvpress's ``ChunkPress``
+    idea, with the compression carried across chunks). Each chunk attends to the compressed past and to itself; the
+    method re-scores the kept tokens plus the new chunk with the chunk's queries (SnapKV: its last ``W``). Methods
+    scored by the whole prompt's attention (H2O) cannot be chunked; batches must be unpadded.
+    """
+
+    def __init__(self, inner: Compressor, chunk_size: int) -> None:
+        super().__init__(inner)
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"prefill_chunk_size must be a positive integer, got {chunk_size!r}")
+        if inner.uses_prefill_attention:
+            raise ValueError(f"prefill_chunk_size: {inner.name!r} scores tokens with the attention of the whole "
+                             "prompt, which a chunked prefill never computes; use a window scorer (snapkv, ...)")
+        self.chunk_size = chunk_size
+
+    @property
+    def prefill_chunk_size(self) -> int | None:
+        return self.chunk_size
+
+    def describe(self) -> dict[str, object]:
+        return {**self.inner.describe(), "prefill_chunk_size": self.chunk_size}
 
 
 class Quantized(MethodWrapper):
