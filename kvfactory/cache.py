@@ -351,7 +351,9 @@ class CompressedCache(Cache):
             )
             extras = {SCORES: kept.scores} if SCORES in view.extras and kept.scores is not None else {}
             rows.append(StoreRow(kept.keys, kept.values, view.positions.gather(2, kept.indices), extras))
-        self.stores[layer_idx] = store.replace_rows(rows)
+        # a chunked prefill rebuilds the store at its kept size (compacting in place would keep the chunk's room)
+        self.stores[layer_idx] = store.replace_rows(rows) if chunk_queries is None else self.storage.build(
+            layer_idx, rows)
         self.compressions[layer_idx] += 1
 
 
