@@ -110,6 +110,22 @@ class PatchHandle:
         """An empty cache for this model and method (pass it as ``past_key_values`` to reuse it across calls)."""
         return CompressedCache(self.method, self.num_layers, self.spec, self.storage)
 
+    def save_cache(self, path: str, cache: CompressedCache | None = None) -> None:
+        """Save ``cache`` (default: the last one) to ``path`` (safetensors) and ``path + ".json"`` (method, model)."""
+        from kvfactory.persist import save_cache
+
+        cache = cache or self.last_cache
+        if cache is None:
+            raise ValueError("no cache to save: run the context through the patched model first")
+        save_cache(cache, path, self.model)
+
+    def load_cache(self, path: str) -> CompressedCache:
+        """A cache holding what :meth:`save_cache` wrote, for this model and method only (else a ValueError); pass it
+        as ``past_key_values``."""
+        from kvfactory.persist import load_cache
+
+        return load_cache(path, self)
+
     def rotate(self, layer_idx: int, states: torch.Tensor, positions: torch.Tensor, inverse: bool = False
                ) -> torch.Tensor:
         """Apply (or undo) layer ``layer_idx``'s RoPE at ``positions`` (for storage that keeps pre-RoPE keys)."""

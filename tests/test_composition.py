@@ -266,3 +266,25 @@ def test_chunked_prefill_of_fullkv_equals_the_unchunked_logits() -> None:
     assert (chunked - expected).abs().max() < 1e-4
     with pytest.raises(ValueError, match="whole prompt"):
         methods.get("h2o", prefill_chunk_size=16)
+
+
+@pytest.mark.parametrize("name", ["snapkv", "h2o", "adakv"])
+def test_saved_and_loaded_cache_gives_the_live_answer(tmp_path, name: str) -> None:
+    model = tiny_model("llama")
+    prompt = random_prompt(60)
+    path = tmp_path / "context.safetensors"
+    params = dict(max_capacity_prompt=20, decode_budget=24) if name == "h2o" else dict(max_capacity_prompt=20)
+    with kvfactory.patch(model, name, **params) as handle, torch.no_grad():
+        cache = handle.new_cache()
+        model(prompt[:, :-1], past_key_values=cache, use_cache=True)
+        handle.save_cache(str(path), cache)
+        live = greedy(model, prompt, 12, past_key_values=cache)
+        loaded = handle.load_cache(str(path))
+        assert loaded.get_seq_length() == 59 and loaded.kept_tokens() == handle.load_cache(str(path)).kept_tokens()
+        assert torch.equal(greedy(model, prompt, 12, past_key_values=loaded), live)
+    with kvfactory.patch(tiny_model("llama", seed=1), name, **params) as other, pytest.raises(ValueError,
+                                                                                              match="another model"):
+        other.load_cache(str(path))
+    with kvfactory.patch(model, name, max_capacity_prompt=24) as other, pytest.raises(ValueError,
+                                                                                      match="another method"):
+        other.load_cache(str(path))

@@ -105,3 +105,13 @@ class DenseStorage:
 def default_storage() -> StorageFactory:
     """The storage of a cache built without one: full precision."""
     return DenseStorage()
+
+
+STORE_KINDS = {"dense": DenseStore, "ragged": RaggedStore}  # what a saved cache can hold, by ``store.kind``
+
+
+def store_from_state(kind: str, tensors: dict[str, torch.Tensor]) -> KVStore:
+    """Rebuild a saved store (``store.kind``, ``store.state()``)."""
+    if kind not in STORE_KINDS:
+        raise ValueError(f"cannot load a store of kind {kind!r}; loadable: {', '.join(STORE_KINDS)}")
+    return STORE_KINDS[kind].from_state(tensors)

@@ -134,6 +134,21 @@ class DenseStore:
         """Attention of the new tokens over every slot (see :func:`attend_slots`)."""
         return attend_slots(self, queries, spec, query_valid, query_positions, need_weights)
 
+    kind = "dense"
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Every tensor needed to rebuild this store (``from_state``), at its used length."""
+        tensors = {"keys": self.keys, "values": self.values, "positions": self.positions}
+        if self.valid is not None:
+            tensors["valid"] = self.valid
+        tensors.update({f"extra.{name}": self.extra(name) for name in self.extra_names})
+        return {name: t.contiguous() for name, t in tensors.items()}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor]) -> "DenseStore":
+        extras = {name.removeprefix("extra."): t for name, t in tensors.items() if name.startswith("extra.")}
+        return cls(tensors["keys"], tensors["values"], tensors["positions"], tensors.get("valid"), extras)
+
     def snapshot(self) -> Any:
         """The length and the per-slot extras: appended slots are simply forgotten by :meth:`restore`."""
         return self.length, {name: self.extra(name).clone() for name in self.extra_names}

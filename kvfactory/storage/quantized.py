@@ -66,6 +66,12 @@ class QuantizedBlock:
 class QuantizedStore:
     """Keys/values of one layer: quantized blocks followed by a full-precision residual."""
 
+    kind = "quantized"
+
+    def state(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError("saving a quantized cache is not supported yet: save the full-precision cache "
+                                  "(without quant_method) or recompute the context")
+
     def __init__(self, quantizer: KVQuantizer, residual: DenseStore, rotate: LayerRotary | None = None,
                  blocks: list[QuantizedBlock] | None = None) -> None:
         self.quantizer = quantizer
@@ -241,6 +247,12 @@ class QuantizedRaggedStore(RaggedStore):
     dequantizes the block each step into a temporary (nothing dequantized is kept); ``nbytes`` counts the packed
     codes, scales, zero-points, outliers, low-rank factors, the tail and the bookkeeping.
     """
+
+    kind = "quantized"
+
+    def state(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError("saving a quantized cache is not supported yet: save the full-precision cache "
+                                  "(without quant_method) or recompute the context")
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor,
                  quantizer: KVQuantizer, rotate: LayerRotary | None = None) -> None:

@@ -196,6 +196,25 @@ class RaggedStore:
         keys, values, _, _ = self.padded()
         return keys, values
 
+    kind = "ragged"
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Every tensor needed to rebuild this store (``from_state``): the prefix and the tail."""
+        tensors = {"keys": self.flat_keys, "values": self.flat_values, "positions": self.flat_positions,
+                   "lengths": self.lengths, "tail_keys": self.tail_keys, "tail_values": self.tail_values,
+                   "tail_positions": self.tail_positions}
+        if self.tail_valid is not None:
+            tensors["tail_valid"] = self.tail_valid
+        return {name: t.contiguous() for name, t in tensors.items()}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor]) -> "RaggedStore":
+        store = cls(tensors["keys"], tensors["values"], tensors["positions"], tensors["lengths"])
+        if tensors["tail_keys"].shape[2]:
+            store.append(tensors["tail_keys"], tensors["tail_values"], tensors["tail_positions"],
+                         tensors.get("tail_valid"))
+        return store
+
     def snapshot(self) -> Any:
         """The tail length: the prefix never changes, appended tokens are dropped by :meth:`restore`."""
         return self.tail_length
