@@ -14,7 +14,7 @@ from kvfactory.models import random_model
 from kvfactory.storage.quantized import QuantizedRaggedStore
 from kvfactory.storage.ragged import RaggedStore
 from tests.conftest import greedy, random_prompt, tiny_model
-from tests.test_methods_kept import GROUPS, HKV, HQ, N, group, naive_causal_attention
+from tests.test_methods_kept import HKV, HQ, N, group, naive_causal_attention
 
 C = 20
 
@@ -134,7 +134,8 @@ def test_per_layer_budgets_as_a_list_or_a_function() -> None:
             assert handle.last_cache.kept_tokens() == [12, 24]
     with pytest.raises(ValueError, match="at least 9"):
         methods.get("snapkv", max_capacity_prompt=[12, 4])
-    with kvfactory.patch(model, "snapkv", max_capacity_prompt=[12, 24, 36]), pytest.raises(ValueError, match="one per layer"):
+    with kvfactory.patch(model, "snapkv", max_capacity_prompt=[12, 24, 36]), pytest.raises(ValueError,
+                                                                                       match="one per layer"):
         model(random_prompt(40))
 
 
@@ -185,7 +186,8 @@ def test_adakv_with_kivi_quantizes_the_ragged_store_with_real_bytes() -> None:
 def test_quantized_ragged_attention_equals_attention_over_its_dequantized_tokens(quantizer: str) -> None:
     generator = torch.Generator().manual_seed(3)
     batch, n, d = 2, 64, 16
-    keys, values = torch.randn(batch, HKV, n + 2, d, generator=generator), torch.randn(batch, HKV, n + 2, d, generator=generator)
+    keys = torch.randn(batch, HKV, n + 2, d, generator=generator)
+    values = torch.randn(batch, HKV, n + 2, d, generator=generator)
     positions = torch.arange(n).expand(batch, HKV, -1)
     keep = torch.rand(batch, HKV, n, generator=generator) < 0.5
     plain = RaggedStore.from_mask(keys[:, :, :n], values[:, :, :n], positions, keep)

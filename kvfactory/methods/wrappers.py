@@ -220,9 +220,9 @@ class HeadwiseAllocation(MethodWrapper):
             raise ValueError(f"head-wise allocation over {inner.name!r}: sink_size and merge are not supported "
                              "(ragged storage keeps per-head selections only); drop them")
         if inner.uses_prefill_attention and inner.decode_budget_tokens is not None:
-            raise ValueError(f"head-wise allocation over {inner.name!r} with decode_budget: its decode-time scores need "
-                             "per-slot accumulators, which ragged storage does not keep; use a window scorer (snapkv, "
-                             "pyramidkv) or l2norm for decode-time budgets")
+            raise ValueError(f"head-wise allocation over {inner.name!r} with decode_budget: its decode-time scores "
+                             "need per-slot accumulators, which ragged storage does not keep; use a window scorer "
+                             "(snapkv, pyramidkv) or l2norm for decode-time budgets")
         if not isinstance(floor_ratio, (int, float)) or not 0 <= floor_ratio <= 1:
             raise ValueError(f"adakv: floor_ratio must be in [0, 1], got {floor_ratio!r}")
         self.floor_ratio = float(floor_ratio)

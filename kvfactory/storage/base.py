@@ -20,7 +20,8 @@ from kvfactory.storage.ragged import RaggedStore
 # rotate(layer_idx, tensor (B, H, T, d), positions (B, H, T), inverse) -> tensor: the model's RoPE at those positions
 Rotary = Callable[[int, torch.Tensor, torch.Tensor, bool], torch.Tensor]
 
-# one sample (or a whole unpadded batch) of a head-wise prompt: keys, values (B, Hkv, n, d), positions and keep (B, Hkv, n)
+# one sample (or a whole unpadded batch) of a head-wise prompt: keys, values (B, Hkv, n, d), positions and
+# keep (B, Hkv, n)
 MaskedPart = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 

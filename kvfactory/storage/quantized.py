@@ -260,7 +260,7 @@ class QuantizedRaggedStore(RaggedStore):
         quantizer.check_head_dim(keys.shape[-1])
         self.quantizer = quantizer
         self.rotate = rotate
-        count, head_dim = keys.shape[0], keys.shape[-1]
+        count = keys.shape[0]
         self.quantized_rows = count
         self.encoded: tuple[EncodedTensor, EncodedTensor] | None = None
         if count:
