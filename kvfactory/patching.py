@@ -284,8 +284,10 @@ def patch(model: nn.Module, method: str | Compressor = "fullkv", **params: Any) 
     method:
         A name from ``kvfactory.methods.names()`` or a compressor instance.
     params:
-        The method's parameters (``kvfactory.methods.parameters(name)``) and, to quantize what the method keeps,
-        the storage parameters of ``kvfactory.quant`` (``quant_method``, ``nbits``, ...); unknown ones are an error.
+        The method's parameters (``kvfactory.methods.parameters(name)``) and the composition keywords of
+        ``kvfactory.methods.get`` (``scorer``, per-layer ``max_capacity_prompt`` lists, ``decode_method``,
+        ``prefill_chunk_size``, and ``quant_method``/``nbits``/... to quantize what the method keeps); unknown ones
+        are an error. With a compressor instance only the quantization parameters may be added.
     """
     adapter = adapter_for(model)
     implementation = attention_implementation(model)
