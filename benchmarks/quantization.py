@@ -9,12 +9,17 @@
 2. **Perplexity** on PG-essay windows of ``--ppl_length`` tokens (default 2048): the first half is prefilled with the
    cache quantized, the second half is scored through the cache in chunks of ``quant_residual_length`` tokens
    (which gives exactly what token-by-token decoding gives: every older chunk is quantized when the next arrives).
+4. **Head-wise quantization** (``--parts headwise``): adakv keeping ``--headwise_budget`` tokens per KV head on
+   average after a ``--context``-token prefill, in full precision and with kivi-4 / kivi-2 (the quantized ragged
+   store). Bytes are kvfactory's real count; the denominator is the same adakv cache at 16 bits (measured in a 16-bit
+   run; in a float32 run the K/V bytes are converted to 2 bytes per value, everything else as measured).
 3. **Quantized pruning** (QPruningKV) at equal memory on the same windows: snapkv keeping ``C`` tokens at 16 bits
    vs snapkv with ``quant_pruning`` at 4 and 2 bits (as many tokens as fit in the same bytes; key groups and residual
    of 32 tokens). Memory is accounted at 16 bits for the baseline (``C`` tokens); in a float32 run the baseline
    really holds twice that, so the quantized side then uses half the memory the baseline measures.
 
-``python benchmarks/quantization.py [--dtype float32] [--windows 8] [--json results/quantization.json]``
+``python benchmarks/quantization.py [--dtype float32] [--windows 8] [--parts bytes,ppl,pruning,headwise]
+[--json results/quantization.json]``
 With a 16-bit ``--dtype`` every byte is real (FullKV measured at 16 bits, the residual at 16 bits); with float32 the
 residual is fp32 (counted so) while the denominator stays the fp16 arithmetic.
 """
@@ -94,6 +99,33 @@ def bytes_and_tpot(model: Any, stream: list[int], args: argparse.Namespace) -> l
     return rows
 
 
+def headwise_bytes(model: Any, stream: list[int], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """adakv's ragged cache in full precision and quantized, right after the prefill (no decoded tail yet)."""
+    ids = torch.tensor([stream[: args.context]])
+    heads, head_dim = kv_shape(model.config)
+    dtype_bytes = next(model.parameters()).element_size()
+    budget = args.headwise_budget
+    configs = {"adakv": {}, "adakv+kivi-4": {"quant_method": "kivi", "nbits": 4},
+               "adakv+kivi-2": {"quant_method": "kivi", "nbits": 2}}
+    print(f"[4] head-wise adakv C={budget} after a {ids.shape[1]}-token prefill, {args.dtype}: ragged storage, "
+          "quantized prefix for kivi")
+    print(f"    {'config':<14} {'MiB':>8} {'kept/layer':>11} {'÷ adakv 16-bit':>15}")
+    rows, reference = [], None
+    for label, params in configs.items():
+        with kvfactory.patch(model, "adakv", max_capacity_prompt=budget, **params) as handle, torch.no_grad():
+            model(ids, use_cache=True)
+            cache = handle.last_cache
+            nbytes, kept = cache.nbytes(), sum(cache.mean_kept_tokens()) * heads
+        if reference is None:  # the same cache at 16 bits: K and V at 2 bytes per value, the rest as held
+            reference = nbytes - round(kept) * 2 * head_dim * (dtype_bytes - 2)
+        row = {"config": label, "cache_bytes": nbytes, "kept_tokens_per_layer": kept / len(cache.stores),
+               "bytes_over_adakv_16bit": nbytes / reference, "adakv_16bit_bytes": reference}
+        rows.append(row)
+        print(f"    {label:<14} {nbytes / 2**20:>8.2f} {row['kept_tokens_per_layer']:>11.1f} "
+              f"{row['bytes_over_adakv_16bit']:>15.4f}")
+    return rows
+
+
 def perplexity(model: Any, windows: list[list[int]], configs: dict[str, tuple[str, dict[str, Any]]], title: str,
                reference: str, chunk: int) -> list[dict[str, Any]]:
     rows = []
@@ -125,6 +157,9 @@ def main() -> int:
     parser.add_argument("--ppl_length", type=int, default=2048, help="tokens per perplexity window")
     parser.add_argument("--windows", type=int, default=8, help="perplexity windows")
     parser.add_argument("--budget", type=int, default=128, help="C of the quantized-pruning comparison")
+    parser.add_argument("--headwise_budget", type=int, default=512, help="C of adakv in the head-wise bytes part")
+    parser.add_argument("--parts", default="bytes,ppl,pruning,headwise",
+                        help="comma-separated parts to run: bytes, ppl, pruning, headwise")
     parser.add_argument("--data_dir", default=None, help="folder of PG essays (default: the shared data folder)")
     parser.add_argument("--json", type=Path, help="also write every row here")
     args = parser.parse_args()
@@ -133,13 +168,20 @@ def main() -> int:
     model, tokenizer = kvfactory.models.load(args.model_path, dtype=args.dtype, attn_implementation="sdpa")
     stream = token_stream(tokenizer, load_documents("pg_essays", args.data_dir))
     chunk = get_quantizer("kivi").quant_residual_length
-    rows: dict[str, Any] = {"bytes_tpot": bytes_and_tpot(model, stream, args)}
+    parts = set(args.parts.split(","))
+    unknown = parts - {"bytes", "ppl", "pruning", "headwise"}
+    if unknown:
+        raise ValueError(f"--parts: unknown {', '.join(sorted(unknown))}; accepted: bytes, ppl, pruning, headwise")
+    rows: dict[str, Any] = {}
+    if "bytes" in parts:
+        rows["bytes_tpot"] = bytes_and_tpot(model, stream, args)
 
     windows = split_windows(stream[args.context :], args.ppl_length, args.windows)  # text unseen in part 1
     quality = {"fullkv": ("fullkv", {})} | {label: ("fullkv", p) for label, p in QUANTIZED.items()}
-    rows["ppl"] = perplexity(model, windows, quality, f"[2] PG-essay suffix PPL, {len(windows)} windows of "
-                             f"{args.ppl_length} tokens (prefix {args.ppl_length // 2} quantized, suffix in chunks of "
-                             f"{chunk})", "fullkv", chunk)
+    if "ppl" in parts:
+        rows["ppl"] = perplexity(model, windows, quality, f"[2] PG-essay suffix PPL, {len(windows)} windows of "
+                                 f"{args.ppl_length} tokens (prefix {args.ppl_length // 2} quantized, suffix in "
+                                 f"chunks of {chunk})", "fullkv", chunk)
 
     budget = {"max_capacity_prompt": args.budget}
     # small groups and residual: at C=128 the default 128-token residual alone would fill the budget
@@ -153,7 +195,10 @@ def main() -> int:
     memory = model.config.num_hidden_layers * dense_nbytes(args.budget, heads, head_dim)
     title = (f"[3] quantized pruning at the memory of C={args.budget} 16-bit tokens (same windows): "
              f"{memory / 2**20:.3f} MiB (K, V, positions; 'prefix MiB' is what each cache really holds)")
-    rows["pruning"] = perplexity(model, windows, pruning, title, f"snapkv C={args.budget} 16-bit", chunk)
+    if "pruning" in parts:
+        rows["pruning"] = perplexity(model, windows, pruning, title, f"snapkv C={args.budget} 16-bit", chunk)
+    if "headwise" in parts:
+        rows["headwise"] = headwise_bytes(model, stream, args)
     print(f"total {time.perf_counter() - started:.0f} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

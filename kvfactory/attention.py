@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from kvfactory import kernels
-from kvfactory.methods.scoring import grouped_logits
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,16 @@ class AttentionSpec:
 
     implementation: str
     sliding_window: int | None = None
+
+
+def grouped_logits(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """``queries·keysᵀ/√d`` per query head, as ``(B, Hkv, g, n_q, n)`` in the inputs' dtype."""
+    batch, num_q_heads, n_q, head_dim = queries.shape
+    num_kv_heads = keys.shape[1]
+    groups = num_q_heads // num_kv_heads
+    grouped = queries.reshape(batch, num_kv_heads, groups * n_q, head_dim)
+    logits = torch.matmul(grouped, keys.transpose(-1, -2)) / math.sqrt(head_dim)
+    return logits.view(batch, num_kv_heads, groups, n_q, keys.shape[-2])
 
 
 def build_mask(

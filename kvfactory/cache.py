@@ -9,6 +9,9 @@ Two lengths are kept apart:
 The patched attention of every layer calls :meth:`CompressedCache.forward_layer`: the first call of a layer is its
 prefill (attention over the full prompt, then the method compresses what is stored); later calls append, attend over
 the physical cache and, with a ``decode_budget``, re-apply the method so the cache stays within budget.
+
+The cache reads only the method contract of :mod:`kvfactory.methods.base` (``layout``, the inputs it needs, its
+capacities and decode-time budget) and the store contract of :mod:`kvfactory.storage.base`; it never tests a type.
 """
 from __future__ import annotations
 
@@ -20,10 +23,9 @@ from transformers.cache_utils import Cache, DynamicCache
 
 from kvfactory.attention import AttentionSpec, attend
 from kvfactory.methods.base import Compressor, Kept
-from kvfactory.methods.scoring import PrefillAttention, reduce_groups
-from kvfactory.storage.base import DenseStorage, StorageFactory
+from kvfactory.methods.scoring import PrefillAttention
+from kvfactory.storage.base import StorageFactory, default_storage
 from kvfactory.storage.dense import StoreRow
-from kvfactory.storage.ragged import RaggedStore
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +39,10 @@ class CompressedCache(Cache):
                  storage: StorageFactory | None = None) -> None:
         super().__init__()
         self.method = method
-        self.storage = storage or DenseStorage()
+        self.storage = storage or default_storage()
         self.num_layers = num_layers
         self.spec = spec
-        self.stores: list[Any] = [None] * num_layers  # DenseStore or another storage's store
+        self.stores: list[Any] = [None] * num_layers  # KVStore (kvfactory.storage.base) per layer
         self.query_windows: list[torch.Tensor | None] = [None] * num_layers
         self.prefill_kept: list[list[int]] = [[] for _ in range(num_layers)]  # per layer, per sample
         self.compressions = [0] * num_layers  # decode-time re-compressions per layer
@@ -50,6 +52,8 @@ class CompressedCache(Cache):
         self.step_valid: torch.Tensor | None = None  # (B, n) validity of the tokens of the forward in flight
         self._step_counts: list[int] = []
         self._step_tokens = 0
+        # True while the later chunks of a chunked prefill run: compress to the prefill capacity after each
+        self.compressing_chunks = False
 
     # -- transformers' Cache interface -------------------------------------------------------------------------
     def get_seq_length(self, layer_idx: int | None = 0) -> int:
@@ -62,7 +66,8 @@ class CompressedCache(Cache):
     def get_usable_length(self, new_seq_length: int, layer_idx: int | None = 0) -> int:
         return self._seen_tokens
 
-    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):  # type: ignore[override]
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+               cache_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         raise RuntimeError(
             "CompressedCache is filled by kvfactory's patched attention; an unpatched attention called update(). "
             "Was the patch removed while this cache was still in use?"
@@ -76,10 +81,7 @@ class CompressedCache(Cache):
         store = self.stores[layer_idx]
         if store is None:
             raise KeyError(f"layer {layer_idx} holds nothing yet")
-        if isinstance(store, RaggedStore):
-            keys, values, _, _ = store.padded()
-            return keys, values
-        return store.keys, store.values
+        return store.key_values()
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for layer_idx, store in enumerate(self.stores):
@@ -121,7 +123,7 @@ class CompressedCache(Cache):
     # -- reuse of a compressed context (query-agnostic evaluation) ---------------------------------------------
     def mark(self) -> dict[str, Any]:
         """Remember the current contents so :meth:`rollback` can drop everything appended afterwards."""
-        layers = [(store, None if store is None else _store_state(store), None if window is None else window.clone())
+        layers = [(store, None if store is None else store.snapshot(), None if window is None else window.clone())
                   for store, window in zip(self.stores, self.query_windows)]
         return {"seen": self._seen_tokens, "samples": list(self.sample_lengths or []), "layers": layers,
                 "compressions": list(self.compressions)}
@@ -136,7 +138,7 @@ class CompressedCache(Cache):
                 raise RuntimeError("the cache was re-compressed after mark() (decode_budget reached): cannot roll back; "
                                    "use a decode_budget larger than context + question + answer")
             if store is not None:
-                _restore_store(store, state)
+                store.restore(state)
             self.query_windows[layer_idx] = window
         self._seen_tokens = mark["seen"]
         self.sample_lengths = list(mark["samples"]) or None
@@ -148,15 +150,7 @@ class CompressedCache(Cache):
 
     def mean_kept_tokens(self) -> list[float]:
         """Mean tokens held per KV head, per layer (ragged storage: heads differ; padding not counted)."""
-        result = []
-        for store in self.stores:
-            if store is None:
-                result.append(0.0)
-            elif isinstance(store, RaggedStore):
-                result.append(sum(store.kept_per_sample()) / len(store.kept_per_sample()))
-            else:
-                result.append(float(store.length if store.valid is None else store.valid.sum(1).float().mean()))
-        return result
+        return [0.0 if store is None else store.mean_kept() for store in self.stores]
 
     def kept_positions(self, layer_idx: int) -> torch.Tensor:
         """Original positions of the kept tokens ``(B, Hkv, T)`` int32 (-1 marks padding slots; a ragged layer is
@@ -164,8 +158,6 @@ class CompressedCache(Cache):
         store = self.stores[layer_idx]
         if store is None:
             raise KeyError(f"layer {layer_idx} holds nothing yet")
-        if isinstance(store, RaggedStore):
-            return store.padded()[2]
         return store.positions
 
     def nbytes(self) -> int:
@@ -202,20 +194,18 @@ class CompressedCache(Cache):
             return output
         store.append(keys, values, positions, valid)
         needs_weights = self.method.needs_decode_attention
-        if isinstance(store, RaggedStore):
-            output, weights = store.attend(queries, self.spec, query_valid=valid, query_positions=positions)
-        else:
-            output, weights = attend(
-                queries, store.keys, store.values, self.spec, key_valid=store.valid, query_valid=valid,
-                query_positions=positions, key_positions=store.positions, need_weights=needs_weights,
-            )
+        output, weights = store.attend(queries, self.spec, query_valid=valid, query_positions=positions,
+                                       need_weights=needs_weights)
         if needs_weights:
             assert weights is not None
             if valid is not None:
                 weights = weights * valid[:, None, None, :, None]
-            store.add_to_extra(SCORES, reduce_groups(weights.sum(dim=3), self.method.gqa_score_agg))  # type: ignore[attr-defined]
+            store.add_to_extra(SCORES, self.method.decode_attention_scores(weights))
         self._remember_queries(layer_idx, queries)
-        self._hold_decode_budget(layer_idx)
+        if self.compressing_chunks:
+            self._compress_chunk(layer_idx, queries)
+        else:
+            self._hold_decode_budget(layer_idx)
         return output
 
     # -- internals ---------------------------------------------------------------------------------------------
@@ -238,16 +228,16 @@ class CompressedCache(Cache):
                  positions: torch.Tensor, valid: torch.Tensor | None, prefill: PrefillAttention | None = None) -> None:
         parts = self._samples(queries, keys, values, positions, valid, prefill)
         heads = keys.shape[1]
-        if getattr(self.method, "headwise", False):  # each head keeps its own count: ragged storage, no padding
-            stores = [
-                RaggedStore.from_mask(part_keys, part_values, part_positions[:, None, :].expand(-1, heads, -1),
-                                      self.method.select_mask(  # type: ignore[attr-defined]
-                                          part_queries, part_keys, part_values, layer_idx=layer_idx,
-                                          num_layers=self.num_layers))
-                for part_queries, part_keys, part_values, part_positions, _ in parts
+        if self.method.layout == "ragged":  # each head keeps its own count: ragged storage, no padding
+            masked = [
+                (part_keys, part_values, part_positions[:, None, :].expand(-1, heads, -1),
+                 self.method.select_mask(part_queries, part_keys, part_values, layer_idx=layer_idx,
+                                         num_layers=self.num_layers, prefill_attention=part_prefill))
+                for part_queries, part_keys, part_values, part_positions, part_prefill in parts
             ]
-            store = stores[0] if len(stores) == 1 else RaggedStore.concat(stores)
-            self.prefill_kept[layer_idx] = [round(k) for k in store.kept_per_sample()]
+            store = self.storage.build_ragged(layer_idx, masked)
+            self.prefill_kept[layer_idx] = [round(float(keep[b].sum(-1).float().mean())) for *_, keep in masked
+                                            for b in range(keep.shape[0])]
         else:
             rows = [self._compress_row(layer_idx, *part) for part in parts]
             store = self.storage.build(layer_idx, rows)
@@ -257,31 +247,41 @@ class CompressedCache(Cache):
         if window:
             self.query_windows[layer_idx] = queries[..., -window:, :].clone()
 
-    def _hold_headwise_budget(self, layer_idx: int, store: RaggedStore, budget: int) -> None:
+    def _compress_chunk(self, layer_idx: int, queries: torch.Tensor) -> None:
+        """A chunk of a chunked prefill was appended: compress to the prefill capacity, scoring with its queries."""
+        store = self.stores[layer_idx]
+        if self.method.layout == "ragged":
+            self._hold_headwise_budget(layer_idx, store, None, self.method, 1, queries)
+        else:
+            self._recompress_dense(layer_idx, store, self.method, None, 1, queries)
+        self.prefill_kept[layer_idx] = [round(self.stores[layer_idx].mean_kept())] * queries.shape[0]
+
+    def _hold_headwise_budget(self, layer_idx: int, store: Any, budget: int | None, decoder: Compressor,
+                              interval: int, chunk_queries: torch.Tensor | None = None) -> None:
         """Re-apply a head-wise method to each sample holding more than ``Hkv × capacity`` tokens (on a padded view
-        cropped to that sample); the other samples keep everything, and the tail is folded into the prefix."""
-        interval = getattr(self.method, "compress_interval", 1)
+        cropped to that sample); the other samples keep everything, and the tail is folded into the prefix.
+        ``chunk_queries`` (a chunked prefill) replace the kept query window."""
         heads = store.lengths.shape[1]
         totals = store.head_lengths().sum(-1).tolist()
         lengths = self._lengths_after_step()
-        capacities = [self.method.capacity(layer_idx, self.num_layers, length, budget) for length in lengths]
-        targets = [self.method.layer_token_budget(  # type: ignore[attr-defined]
+        capacities = [decoder.capacity(layer_idx, self.num_layers, length, budget) for length in lengths]
+        targets = [decoder.layer_token_budget(
             cap, layer_idx, self.num_layers, self.num_query_heads, heads) for cap in capacities]
         over = [b for b, (total, target) in enumerate(zip(totals, targets)) if total > target]
         if store.tail_length < interval or not over:
             return
         keys, values, positions, valid = store.padded()
         keep = valid.clone()
-        window = self.query_windows[layer_idx]
+        window = self.query_windows[layer_idx] if chunk_queries is None else chunk_queries
         for b in over:
             start = keys.shape[2] - int(store.head_lengths()[b].max())
             row = (slice(b, b + 1), slice(None), slice(start, None))
             queries = keys[row][..., -1:, :] if window is None else window[b : b + 1]
-            keep[row] = self.method.select_mask(  # type: ignore[attr-defined]
+            keep[row] = decoder.select_mask(
                 queries, keys[row], values[row], layer_idx=layer_idx, num_layers=self.num_layers,
                 capacity=capacities[b], key_valid=valid[row],
             )
-        self.stores[layer_idx] = RaggedStore.from_mask(keys, values, positions, keep)
+        self.stores[layer_idx] = self.storage.build_ragged(layer_idx, [(keys, values, positions, keep)])
         self.compressions[layer_idx] += 1
 
     def _compress_row(self, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -315,22 +315,29 @@ class CompressedCache(Cache):
             return
         store = self.stores[layer_idx]
         assert store is not None
-        if isinstance(store, RaggedStore):
-            self._hold_headwise_budget(layer_idx, store, budget)
-            return
-        interval = getattr(self.method, "compress_interval", 1)
+        interval, decoder = self.method.decode_interval, self.method.decode_method
+        if self.method.layout == "ragged":
+            self._hold_headwise_budget(layer_idx, store, budget, decoder, interval)
+        else:
+            self._recompress_dense(layer_idx, store, decoder, budget, interval)
+
+    def _recompress_dense(self, layer_idx: int, store: Any, decoder: Compressor, budget: int | None, interval: int,
+                          chunk_queries: torch.Tensor | None = None) -> None:
+        """Re-apply ``decoder`` to the rows holding at least capacity + ``interval`` slots (``budget`` None: the
+        prefill capacity); ``chunk_queries`` (a chunked prefill) replace the kept query window."""
         lengths = self._lengths_after_step()
-        capacities = [self.method.capacity(layer_idx, self.num_layers, length, budget) for length in lengths]
+        capacities = [decoder.capacity(layer_idx, self.num_layers, length, budget) for length in lengths]
         if store.valid is None and len(set(capacities)) == 1:  # one vectorized call for the whole batch
             if store.length < capacities[0] + interval:
                 return
             views = [StoreRow(store.keys, store.values, store.positions, {n: store.extra(n) for n in store.extra_names})]
-            windows, capacities = [self.query_windows[layer_idx]], capacities[:1]
+            window = self.query_windows[layer_idx] if chunk_queries is None else chunk_queries
+            windows, capacities = [window], capacities[:1]
         else:
             views = [store.row(b) for b in range(len(lengths))]
             if all(view.keys.shape[-2] < cap + interval for view, cap in zip(views, capacities)):
                 return
-            window = self.query_windows[layer_idx]
+            window = self.query_windows[layer_idx] if chunk_queries is None else chunk_queries
             windows = [None if window is None else window[b : b + 1] for b in range(len(lengths))]
         rows = []
         for view, window, capacity in zip(views, windows, capacities):
@@ -339,33 +346,16 @@ class CompressedCache(Cache):
                 continue
             # query-free methods never read the queries: the last key stands in as a placeholder
             queries = view.keys[..., -1:, :] if window is None else window
-            kept = self.method.compress_tokens(
+            kept = decoder.compress_tokens(
                 queries, view.keys, view.values, layer_idx=layer_idx, num_layers=self.num_layers,
                 capacity=capacity, accumulated=view.extras.get(SCORES),
             )
             extras = {SCORES: kept.scores} if SCORES in view.extras and kept.scores is not None else {}
             rows.append(StoreRow(kept.keys, kept.values, view.positions.gather(2, kept.indices), extras))
-        self.stores[layer_idx] = store.replace_rows(rows)
+        # a chunked prefill rebuilds the store at its kept size (compacting in place would keep the chunk's room)
+        self.stores[layer_idx] = store.replace_rows(rows) if chunk_queries is None else self.storage.build(
+            layer_idx, rows)
         self.compressions[layer_idx] += 1
-
-
-def _store_state(store: Any) -> Any:
-    """What :meth:`CompressedCache.rollback` needs to return a store to now: its own snapshot when it has one
-    (quantized storage, whose older slots cannot simply be truncated), else its length and per-slot extras."""
-    if hasattr(store, "snapshot"):
-        return store.snapshot()
-    extras = {} if isinstance(store, RaggedStore) else {name: store.extra(name).clone() for name in store.extra_names}
-    return store.length, extras
-
-
-def _restore_store(store: Any, state: Any) -> None:
-    if hasattr(store, "restore"):
-        store.restore(state)
-        return
-    length, extras = state
-    store.truncate(length)
-    for name, values in extras.items():
-        store.extra(name).copy_(values)
 
 
 def cache_nbytes(past_key_values: Any) -> int:

@@ -25,7 +25,8 @@ from kvfactory.attention import ATTENTION_IMPLEMENTATIONS, AttentionSpec, attend
 from kvfactory.cache import CompressedCache
 from kvfactory.methods.base import Compressor
 from kvfactory.models import ATTENTION_REQUEST
-from kvfactory.storage.base import DenseStorage, StorageFactory
+from kvfactory.quant import kv_shape
+from kvfactory.storage.base import ModelContext, StorageFactory, default_storage
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class PatchHandle:
         self.attention_modules = adapter.attention_modules(model)
         self.num_layers = len(self.attention_modules)
         self.spec = AttentionSpec(attention_implementation(model), adapter.sliding_window(config))
-        self.storage: StorageFactory = DenseStorage()
+        self.storage: StorageFactory = default_storage()
         self.last_cache: CompressedCache | None = None
         self._step: _Step | None = None
         self._undo: list[Callable[[], None]] = []
@@ -118,6 +119,22 @@ class PatchHandle:
     def new_cache(self) -> CompressedCache:
         """An empty cache for this model and method (pass it as ``past_key_values`` to reuse it across calls)."""
         return CompressedCache(self.method, self.num_layers, self.spec, self.storage)
+
+    def save_cache(self, path: str, cache: CompressedCache | None = None) -> None:
+        """Save ``cache`` (default: the last one) to ``path`` (safetensors) and ``path + ".json"`` (method, model)."""
+        from kvfactory.persist import save_cache
+
+        cache = cache or self.last_cache
+        if cache is None:
+            raise ValueError("no cache to save: run the context through the patched model first")
+        save_cache(cache, path, self.model)
+
+    def load_cache(self, path: str) -> CompressedCache:
+        """A cache holding what :meth:`save_cache` wrote, for this model and method only (else a ValueError); pass it
+        as ``past_key_values``."""
+        from kvfactory.persist import load_cache
+
+        return load_cache(path, self)
 
     def rotate(self, layer_idx: int, states: torch.Tensor, positions: torch.Tensor, inverse: bool = False
                ) -> torch.Tensor:
@@ -175,6 +192,9 @@ class PatchHandle:
             if cache is not None:
                 arguments["past_key_values"] = cache
             valid = self._new_token_validity(arguments.get("attention_mask"), new_tokens)
+            chunk = self.method.prefill_chunk_size
+            if chunk is not None and cache is not None and cache.get_seq_length() == 0 and new_tokens > chunk:
+                return self._prefill_in_chunks(forward, arguments, extra, cache, valid, chunk)
             with self._running(cache, valid, inputs.shape[0], new_tokens):
                 self.adapter.prepare_base_call(arguments, self, new_tokens)
                 output = original(**arguments, **extra)
@@ -186,6 +206,42 @@ class PatchHandle:
             return output
 
         return forward
+
+    @staticmethod
+    def _prefill_in_chunks(forward: Callable[..., Any], arguments: dict[str, Any], extra: dict[str, Any],
+                           cache: CompressedCache, valid: torch.Tensor | None, chunk: int) -> Any:
+        """Run a fresh cache's prompt through ``forward`` ``chunk`` tokens at a time; after the first chunk the cache
+        compresses to the prefill capacity after each chunk (``compressing_chunks``). The output is the last chunk's,
+        with the hidden states of every chunk concatenated."""
+        if valid is not None:
+            raise ValueError("prefill_chunk_size needs an unpadded batch (left padding would leave chunks without real "
+                             "tokens); run padded prompts one at a time")
+        if arguments.get("output_attentions") or arguments.get("output_hidden_states"):
+            raise ValueError("prefill_chunk_size does not return per-layer attentions or hidden states")
+        key = "input_ids" if arguments.get("input_ids") is not None else "inputs_embeds"
+        total = arguments[key].shape[1]
+        hidden, output = [], None
+        for start in range(0, total, chunk):
+            stop = min(total, start + chunk)
+            part = dict(arguments, past_key_values=cache, use_cache=True)
+            part[key] = arguments[key][:, start:stop]
+            if arguments.get("attention_mask") is not None:
+                part["attention_mask"] = arguments["attention_mask"][:, :stop]
+            for name in ("position_ids", "cache_position"):
+                if arguments.get(name) is not None:
+                    part[name] = arguments[name][..., start:stop]
+            cache.compressing_chunks = start > 0
+            try:
+                output = forward(**part, **extra)
+            finally:
+                cache.compressing_chunks = False
+            hidden.append(output[0])
+        assert output is not None
+        states = torch.cat(hidden, dim=1)
+        if isinstance(output, tuple):
+            return (states, *output[1:])
+        output.last_hidden_state = states
+        return output
 
     @staticmethod
     def _new_token_validity(attention_mask: torch.Tensor | None, new_tokens: int) -> torch.Tensor | None:
@@ -238,8 +294,10 @@ def patch(model: nn.Module, method: str | Compressor = "fullkv", **params: Any) 
     method:
         A name from ``kvfactory.methods.names()`` or a compressor instance.
     params:
-        The method's parameters (``kvfactory.methods.parameters(name)``) and, to quantize what the method keeps,
-        the storage parameters of ``kvfactory.quant`` (``quant_method``, ``nbits``, ...); unknown ones are an error.
+        The method's parameters (``kvfactory.methods.parameters(name)``) and the composition keywords of
+        ``kvfactory.methods.get`` (``scorer``, per-layer ``max_capacity_prompt`` lists, ``decode_method``,
+        ``prefill_chunk_size``, and ``quant_method``/``nbits``/... to quantize what the method keeps); unknown ones
+        are an error. With a compressor instance only the quantization parameters may be added.
     """
     adapter = adapter_for(model)
     implementation = attention_implementation(model)
@@ -251,26 +309,12 @@ def patch(model: nn.Module, method: str | Compressor = "fullkv", **params: Any) 
         _check_flash_ready(model)
     if getattr(model, HANDLE_ATTRIBUTE, None) is not None:
         raise ValueError("this model is already patched; call remove() on its handle first")
-    from kvfactory import quant
-
-    quant_params = {name: params.pop(name) for name in list(params) if name in quant.QUANT_PARAMETERS}
-    if quant_params.get("quant_method") in (None, "", "none"):
-        stray = sorted(name for name in quant_params if name != "quant_method")
-        if stray:
-            raise ValueError(f"{', '.join(stray)} given without quant_method; set quant_method or drop them")
-        quant_params = {}
-    if isinstance(method, Compressor):
-        if params:
-            raise ValueError("pass parameters either in the compressor instance or as keyword arguments, not both")
-        compressor = method
-    else:
-        compressor = method_registry.get(method, **params)
+    compressor = method_registry.wrap(method, **params) if isinstance(method, Compressor) else (
+        method_registry.get(method, **params))
     handle = PatchHandle(model, compressor, adapter)
-    if quant_params:
-        handle.storage, handle.method = quant.configure(
-            compressor, quant_params, rotary=handle.rotate, num_layers=handle.num_layers, config=model.config,
-            dtype=next(model.parameters()).dtype,
-        )
+    heads, head_dim = kv_shape(model.config)
+    handle.storage = compressor.make_storage(ModelContext(
+        handle.num_layers, heads, head_dim, next(model.parameters()).dtype, handle.rotate))
     handle._install()
     logger.info("patched %s with %s", type(model).__name__, compressor)
     return handle

@@ -142,7 +142,7 @@ def test_beam_search_reorders_quantized_stores() -> None:
     ("snapkv", dict(quant_method="zip", nbits=2), "unknown quant_method 'zip'"),
     ("snapkv", dict(nbits=2), "nbits given without quant_method"),
     ("snapkv", dict(quant_method="kivi", rank=2), "does not accept rank"),
-    ("adakv", dict(quant_method="kivi"), "cannot quantize the head-wise method 'adakv'"),
+    ("adakv", dict(scorer="headkv", quant_method="kivi"), "scorer 'headkv' is itself head-wise"),
     ("fullkv", dict(quant_method="kivi", quant_pruning=True), "method 'fullkv' has no budget"),
 ])
 def test_bad_quantization_arguments_are_clear_errors(method: str, params: dict, match: str) -> None:

@@ -5,15 +5,30 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Protocol
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from kvfactory.patching import PatchHandle
-
 logger = logging.getLogger(__name__)
+
+
+class LengthHolder(Protocol):
+    """What an adapter reads of the cache in flight: its logical length."""
+
+    def get_seq_length(self, layer_idx: int | None = 0) -> int: ...
+
+
+class AttentionHost(Protocol):
+    """What an adapter's forwards need from the object that patched the model (``kvfactory.patching.PatchHandle``):
+    the attention of one layer's new tokens and the cache of the forward in flight. A Protocol, so the adapters never
+    import the patching module (which imports them)."""
+
+    @property
+    def active_cache(self) -> LengthHolder | None: ...
+
+    def attend_layer(self, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     position_ids: torch.Tensor | None) -> torch.Tensor: ...
 
 
 class ArchitectureAdapter:
@@ -34,7 +49,7 @@ class ArchitectureAdapter:
     def num_kv_heads(self, config: Any) -> int:
         return config.num_key_value_heads
 
-    def make_attention_forward(self, handle: "PatchHandle", module: nn.Module, layer_idx: int) -> Callable[..., Any]:
+    def make_attention_forward(self, handle: AttentionHost, module: nn.Module, layer_idx: int) -> Callable[..., Any]:
         raise NotImplementedError
 
     def rotate(self, module: nn.Module, states: torch.Tensor, positions: torch.Tensor, inverse: bool = False
@@ -42,10 +57,10 @@ class ArchitectureAdapter:
         """Apply (or undo, ``inverse``) the module's RoPE to ``states (B, H, T, d)`` at ``positions (B, H, T)``."""
         raise NotImplementedError
 
-    def prepare_base_call(self, arguments: dict[str, Any], handle: "PatchHandle", new_tokens: int) -> None:
+    def prepare_base_call(self, arguments: dict[str, Any], handle: AttentionHost, new_tokens: int) -> None:
         """Adjust the decoder stack's call arguments (the cache is in ``handle``'s step context)."""
 
-    def install(self, model: nn.Module, handle: "PatchHandle") -> list[Callable[[], None]]:
+    def install(self, model: nn.Module, handle: AttentionHost) -> list[Callable[[], None]]:
         """Model-level changes beyond the attention forwards; returns the functions that undo them."""
         return []
 

@@ -1,7 +1,7 @@
 """GPT-NeoX adapter: fused qkv, partial rotary, and 4.44.2's legacy-tuple cache plumbing."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -9,11 +9,8 @@ from transformers.cache_utils import Cache
 from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb
 
 from kvfactory.architectures.base import (
-    ArchitectureAdapter, apply_rotary, merge_heads, rotary_at, warn_attention_weights_unavailable,
+    ArchitectureAdapter, AttentionHost, apply_rotary, merge_heads, rotary_at, warn_attention_weights_unavailable,
 )
-
-if TYPE_CHECKING:
-    from kvfactory.patching import PatchHandle
 
 
 class GPTNeoXAdapter(ArchitectureAdapter):
@@ -52,7 +49,7 @@ class GPTNeoXAdapter(ArchitectureAdapter):
         rotated = apply_rotary(states[..., :rotary], cos, sin, inverse)
         return torch.cat([rotated, states[..., rotary:]], dim=-1)
 
-    def make_attention_forward(self, handle: "PatchHandle", module: nn.Module, layer_idx: int) -> Callable[..., Any]:
+    def make_attention_forward(self, handle: AttentionHost, module: nn.Module, layer_idx: int) -> Callable[..., Any]:
         def forward(
             hidden_states: torch.Tensor,
             attention_mask: torch.Tensor | None = None,
@@ -71,7 +68,7 @@ class GPTNeoXAdapter(ArchitectureAdapter):
 
         return forward
 
-    def prepare_base_call(self, arguments: dict[str, Any], handle: "PatchHandle", new_tokens: int) -> None:
+    def prepare_base_call(self, arguments: dict[str, Any], handle: AttentionHost, new_tokens: int) -> None:
         cache = handle.active_cache
         seen = cache.get_seq_length() if cache is not None else 0
         if arguments.get("position_ids") is None:
@@ -84,7 +81,7 @@ class GPTNeoXAdapter(ArchitectureAdapter):
         arguments["past_key_values"] = None
         arguments["attention_mask"] = None
 
-    def install(self, model: nn.Module, handle: "PatchHandle") -> list[Callable[[], None]]:
+    def install(self, model: nn.Module, handle: AttentionHost) -> list[Callable[[], None]]:
         """Let ``generate()`` hand a Cache object around, slicing ``input_ids`` by the logical length."""
 
         def prepare_inputs_for_generation(input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None,

@@ -4,17 +4,15 @@ The other Llama-shaped attentions (Mistral, Mixtral, Qwen2, Phi-3) reuse its for
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from kvfactory.architectures.base import (
-    ArchitectureAdapter, apply_rotary, merge_heads, rotary_at, split_heads, warn_attention_weights_unavailable,
+    ArchitectureAdapter, AttentionHost, apply_rotary, merge_heads, rotary_at, split_heads,
+    warn_attention_weights_unavailable,
 )
-
-if TYPE_CHECKING:
-    from kvfactory.patching import PatchHandle
 
 
 class LlamaAdapter(ArchitectureAdapter):
@@ -51,7 +49,7 @@ class LlamaAdapter(ArchitectureAdapter):
         cos, sin = rotary_at(module.rotary_emb, states, positions)
         return apply_rotary(states, cos, sin, inverse)
 
-    def make_attention_forward(self, handle: "PatchHandle", module: nn.Module, layer_idx: int) -> Callable[..., Any]:
+    def make_attention_forward(self, handle: AttentionHost, module: nn.Module, layer_idx: int) -> Callable[..., Any]:
         def forward(
             hidden_states: torch.Tensor,
             attention_mask: torch.Tensor | None = None,

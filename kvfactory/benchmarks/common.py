@@ -55,11 +55,13 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--floor_ratio", type=float, default=None, help="AdaKV per-head floor (adakv)")
     group.add_argument("--quant_method", default=None, help="kivi | kvquant | gear | layerquant: quantize what is kept")
     group.add_argument("--nbits", type=int, default=None, help="quantization bits (2, 4, 8)")
+    group.add_argument("--prefill_chunk_size", type=int, default=None,
+                       help="prefill long prompts this many tokens at a time, compressing after each chunk")
     group.add_argument("--method_kwargs", default=None, help="any other method/quantization parameter, as JSON")
 
 
 _METHOD_FLAGS = ("window_size", "kernel_size", "pooling", "merge", "gqa_score_agg", "decode_budget",
-                 "compress_interval", "head_path", "floor_ratio")
+                 "compress_interval", "head_path", "floor_ratio", "prefill_chunk_size")
 
 
 def patch_parameters(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
@@ -159,10 +161,16 @@ def budget_label(args: argparse.Namespace) -> str:
 
 
 def method_label(name: str, params: dict[str, Any]) -> str:
-    """File name of a method's results: the method plus merge / quantization when used."""
+    """File name of a method's results: the method plus scorer / decode method / merge / quantization when used."""
     label = name
+    if params.get("scorer"):
+        label += f"_scorer-{params['scorer']}"
+    if params.get("decode_method"):
+        label += f"_decode-{params['decode_method']}"
     if params.get("merge"):
         label += f"_merge-{params['merge']}"
+    if params.get("prefill_chunk_size"):
+        label += f"_chunk{params['prefill_chunk_size']}"
     if params.get("quant_method"):
         label += f"_{params['quant_method']}{params.get('nbits', '')}"
     return label

@@ -1,4 +1,13 @@
-"""The compression methods, by name: ``get(name, **params)`` builds one, ``names()`` lists them."""
+"""The compression methods, by name: ``get(name, **params)`` builds one, ``names()`` lists them.
+
+Besides a method's own parameters, ``get`` (and so ``kvfactory.patch`` and the runners' ``--method_kwargs``) accepts
+the composition keywords of :data:`COMPOSITION_PARAMETERS`, each turned into a wrapper of
+:mod:`kvfactory.methods.wrappers` (see its docstring): ``scorer=`` (AdaKV's head-wise allocation over any scorer),
+a list or function as ``max_capacity_prompt`` (one budget per layer), ``decode_method=`` / ``decode_method_kwargs=``
+(another method re-applied while decoding, at ``decode_budget``), ``prefill_chunk_size=`` (prefill in chunks,
+compressing after each), and the quantization parameters of
+:mod:`kvfactory.quant` (``quant_method``, ``nbits``, ...).
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -18,12 +27,20 @@ from kvfactory.methods.pyramidkv import PyramidKV
 from kvfactory.methods.random_selection import RandomSelection
 from kvfactory.methods.snapkv import SnapKV
 from kvfactory.methods.streamingllm import StreamingLLM
+from kvfactory.methods.wrappers import (
+    ChunkedPrefill, DecodingPolicy, HeadwiseAllocation, MethodWrapper, PerLayerBudget, Quantized,
+)
+from kvfactory import quant
 
 REGISTRY: dict[str, type[Compressor]] = {
     cls.name: cls
     for cls in (FullKV, RandomSelection, StreamingLLM, SnapKV, PyramidKV, H2O, L2Norm, CAM, AdaKV, AdaPyramidKV, HeadKV)
 }
 ALIASES = {"full": "fullkv", "streaming": "streamingllm", "ada-snapkv": "adakv"}
+# head-wise allocations that take scorer=: the method name -> the parameters that belong to the allocation
+ALLOCATIONS: dict[str, tuple[str, ...]] = {"adakv": ("floor_ratio", "normalize")}
+COMPOSITION_PARAMETERS = ("scorer", "decode_method", "decode_method_kwargs", "prefill_chunk_size",
+                          *quant.QUANT_PARAMETERS)
 
 
 def names() -> list[str]:
@@ -46,15 +63,14 @@ def parameters(name: str) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
 
 
-def get(name: str, **params: Any) -> Compressor:
-    """Build the compressor ``name`` with ``params``; unknown parameters are an error, never ignored."""
+def _build(name: str, params: dict[str, Any], extra_accepted: tuple[str, ...] = ()) -> Compressor:
     cls = method_class(name)
     accepted = parameters(name)
     unknown = sorted(set(params) - set(accepted))
     if unknown:
         raise ValueError(
             f"method {cls.name!r} does not accept {', '.join(unknown)}; "
-            f"accepted parameters: {', '.join(accepted) if accepted else '(none)'}"
+            f"accepted parameters: {', '.join(accepted + list(extra_accepted)) if accepted else '(none)'}"
         )
     for key, value in params.items():
         _check_type(cls, key, value)
@@ -102,7 +118,66 @@ def _check_type(cls: type[Compressor], key: str, value: Any) -> None:
                          f"({type(value).__name__})")
 
 
+def wrap(method: Compressor, **params: Any) -> Compressor:
+    """``method`` quantized when ``params`` name a ``quant_method`` (the only composition of a built method)."""
+    unknown = sorted(set(params) - set(quant.QUANT_PARAMETERS))
+    if unknown:
+        raise ValueError("pass parameters either in the compressor instance or as keyword arguments, not both "
+                         f"(got {', '.join(unknown)}); quantization parameters may be added to an instance")
+    quant_method = params.pop("quant_method", None)
+    if quant_method in (None, "", "none"):
+        if params:
+            raise ValueError(f"{', '.join(sorted(params))} given without quant_method; set quant_method or drop them")
+        return method
+    return Quantized(method, quant.get(quant_method, **params))
+
+
+def get(name: str, **params: Any) -> Compressor:
+    """Build the compressor ``name`` with ``params``; unknown parameters are an error, never ignored. The
+    composition keywords (module docstring) wrap it."""
+    params = dict(params)
+    quant_params = {key: params.pop(key) for key in list(params) if key in quant.QUANT_PARAMETERS}
+    scorer = params.pop("scorer", None)
+    decode_method = params.pop("decode_method", None)
+    decode_kwargs = params.pop("decode_method_kwargs", None) or {}
+    chunk_size = params.pop("prefill_chunk_size", None)
+    per_layer = None
+    if isinstance(params.get("max_capacity_prompt"), (list, tuple)) or callable(params.get("max_capacity_prompt")):
+        per_layer = params.pop("max_capacity_prompt")
+    if decode_method is None and decode_kwargs:
+        raise ValueError("decode_method_kwargs given without decode_method")
+    decoding = {}
+    if decode_method is not None:
+        decoding = {key: params.pop(key) for key in ("decode_budget", "compress_interval") if key in params}
+        if "decode_budget" not in decoding:
+            raise ValueError(f"decode_method={decode_method!r} needs decode_budget (tokens kept while decoding)")
+    allocation: dict[str, Any] = {}
+    if scorer is not None:
+        key = ALIASES.get(name.lower(), name.lower()) if isinstance(name, str) else name
+        if key not in ALLOCATIONS:
+            raise ValueError(f"scorer= chooses the scores of a head-wise allocation; accepted by "
+                             f"{', '.join(sorted(ALLOCATIONS))}, not {name!r}")
+        allocation = {k: params.pop(k) for k in ALLOCATIONS[key] if k in params}
+        if method_class(scorer).layout != "dense":
+            raise ValueError(f"scorer {scorer!r} is itself head-wise; use a per-token scorer: "
+                             + ", ".join(n for n in names() if REGISTRY[n].layout == "dense" and n != "fullkv"))
+        method = _build(scorer, params, ALLOCATIONS[key])
+    else:
+        method = _build(name, params)
+    if per_layer is not None:
+        method = PerLayerBudget(method, per_layer)
+    if scorer is not None:
+        method = HeadwiseAllocation(method, **allocation)
+    if decode_method is not None:
+        method = DecodingPolicy(method, decoding["decode_budget"], decoding.get("compress_interval", 1),
+                                _build(decode_method, dict(decode_kwargs)))
+    if chunk_size is not None:
+        method = ChunkedPrefill(method, chunk_size)
+    return wrap(method, **quant_params)
+
+
 __all__ = [
-    "AdaKV", "AdaPyramidKV", "BudgetedCompressor", "CAM", "HeadKV", "HeadwiseCompressor", "Compressor", "FullKV", "H2O", "Kept", "L2Norm", "PyramidKV", "RandomSelection",
+    "COMPOSITION_PARAMETERS", "ChunkedPrefill", "DecodingPolicy", "HeadwiseAllocation", "MethodWrapper", "PerLayerBudget", "Quantized",
+    "wrap", "AdaKV", "AdaPyramidKV", "BudgetedCompressor", "CAM", "HeadKV", "HeadwiseCompressor", "Compressor", "FullKV", "H2O", "Kept", "L2Norm", "PyramidKV", "RandomSelection",
     "Selection", "SnapKV", "StreamingLLM", "WindowedCompressor", "get", "method_class", "names", "parameters",
 ]

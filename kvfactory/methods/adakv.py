@@ -9,6 +9,20 @@ from kvfactory.methods.headwise import HeadwiseCompressor
 from kvfactory.methods.pyramidkv import pyramid_capacity
 
 
+def adakv_winners(past_scores: torch.Tensor, budget: int, normalize: bool) -> torch.Tensor:
+    """AdaKV's competition: of the layer's top ``Hkv · budget`` past scores (each head's sorted scores scaled, with
+    ``normalize``, by the share of its finite mass in its top ``budget``), how many each head wins, ``(B, Hkv)``."""
+    batch, heads, past = past_scores.shape
+    ranked = past_scores.sort(dim=-1, descending=True).values
+    if normalize:
+        finite = torch.where(torch.isfinite(ranked), ranked, torch.zeros_like(ranked))
+        ranked = ranked * (finite[..., :budget].sum(-1, keepdim=True) / finite.sum(-1, keepdim=True).clamp_min(1e-30))
+    winners = ranked.reshape(batch, heads * past).topk(heads * budget, dim=-1).indices // past
+    won = torch.zeros(batch, heads, dtype=torch.long, device=past_scores.device)
+    won.scatter_add_(1, winners, torch.ones_like(winners))
+    return won
+
+
 @dataclass(kw_only=True)
 class AdaKV(HeadwiseCompressor):
     """Adaptive head-wise budgets (Feng et al. 2024, "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget
@@ -41,17 +55,9 @@ class AdaKV(HeadwiseCompressor):
 
     def head_caps(self, past_scores: torch.Tensor, capacity: int, layer_idx: int, num_layers: int,
                   num_query_heads: int) -> torch.Tensor:
-        batch, heads, past = past_scores.shape
         budget = capacity - self.window_size
-        floor = int(budget * self.floor_ratio)
-        ranked = past_scores.sort(dim=-1, descending=True).values
-        if self.normalize:
-            finite = torch.where(torch.isfinite(ranked), ranked, torch.zeros_like(ranked))
-            ranked = ranked * (finite[..., :budget].sum(-1, keepdim=True) / finite.sum(-1, keepdim=True).clamp_min(1e-30))
-        winners = ranked.reshape(batch, heads * past).topk(heads * budget, dim=-1).indices // past
-        won = torch.zeros(batch, heads, dtype=torch.long, device=past_scores.device)
-        won.scatter_add_(1, winners, torch.ones_like(winners))
-        return torch.round(won * (1 - self.floor_ratio) + floor).long()
+        won = adakv_winners(past_scores, budget, self.normalize)
+        return torch.round(won * (1 - self.floor_ratio) + int(budget * self.floor_ratio)).long()
 
 
 @dataclass(kw_only=True)

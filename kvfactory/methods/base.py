@@ -7,8 +7,24 @@ A compressor decides, for one layer, which tokens of the post-RoPE keys/values s
 - ``kept_key_values(...)``: the kept keys/values themselves (a plain gather, or a merge for CAM / ``merge=``).
 
 ``compress(query_states, key_states, value_states, layer_idx, num_layers) -> (keys, values)`` is the model-free unit
-that tests and outside parity checks call. Inside a patched model the cache calls ``compress_tokens`` at prefill and,
-when ``decode_budget`` is set, again while decoding so the cache stays within budget.
+that tests and outside parity checks call.
+
+**The contract the cache reads** (``kvfactory/cache.py`` reads nothing else of a method, and never its type):
+
+- ``layout``: ``"dense"`` (every KV head keeps the same count: ``compress_tokens`` returns :class:`Kept`) or
+  ``"ragged"`` (each KV head keeps its own count: ``select_mask`` returns a ``(B, Hkv, n)`` keep mask, and
+  ``layer_token_budget`` the tokens a whole layer may hold);
+- what the method needs as input: ``uses_prefill_attention`` (the prefill kernel's lse / column sums),
+  ``needs_decode_attention`` (every decoded token's attention weights, folded per KV head by
+  ``decode_attention_scores`` into a per-slot accumulator), ``query_window_size`` (recent queries kept for
+  decode-time re-scoring), ``token_scores`` (the accumulators' start when nothing was evicted);
+- decoding: ``decode_budget_tokens`` (``None``: the cache grows), ``decode_interval`` and ``decode_method`` (the
+  compressor re-applied while decoding: this one unless a decode-time policy names another);
+- ``prefill_chunk_size``: prefill long prompts in chunks, compressing after each (read by the patched model);
+- ``make_storage(context)``: the storage factory of the cache (dense full precision unless a wrapper quantizes).
+
+Composition (head-wise allocation over any scorer, quantization, decode-time budgets, per-layer budgets) is done by
+wrappers over this contract, in :mod:`kvfactory.methods.wrappers`: the cache never knows it is talking to one.
 """
 from __future__ import annotations
 
@@ -19,12 +35,11 @@ from typing import ClassVar
 
 import torch
 
-from kvfactory.methods.scoring import GQA_AGGREGATIONS, POOLINGS, PrefillAttention
+from kvfactory.methods.merging import MERGE_MODES, merge_evicted
+from kvfactory.methods.scoring import GQA_AGGREGATIONS, POOLINGS, PrefillAttention, gather_tokens, reduce_groups
+from kvfactory.storage.base import DenseStorage, ModelContext, StorageFactory
 
 logger = logging.getLogger(__name__)
-
-MERGE_MODES = ("pivot", "weighted")
-
 
 @dataclass
 class Selection:
@@ -48,11 +63,6 @@ class Kept:
     scores: torch.Tensor | None = None
 
 
-def gather_tokens(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """Gather ``(B, H, n, d)`` along the sequence with ``(B, H, k)`` indices."""
-    return tensor.gather(2, indices.unsqueeze(-1).expand(-1, -1, -1, tensor.shape[-1]))
-
-
 def all_positions(keys: torch.Tensor) -> torch.Tensor:
     """``(B, Hkv, n)`` indices selecting every token of ``keys``."""
     batch, heads, n, _ = keys.shape
@@ -73,10 +83,14 @@ def top_past_plus_window(past_scores: torch.Tensor, capacity: int, window_size: 
     return torch.cat([top, window], dim=-1)
 
 
+LAYOUTS = ("dense", "ragged")
+
+
 class Compressor:
     """Base of every method. Subclasses are dataclasses whose fields are the method's parameters."""
 
     name: ClassVar[str] = ""
+    layout: ClassVar[str] = "dense"  # "dense": compress_tokens -> Kept; "ragged": select_mask -> per-head keep mask
 
     # -- the contract -------------------------------------------------------------------------------------------
     def capacity(self, layer_idx: int, num_layers: int, seq_len: int, budget: int | None = None) -> int:
@@ -120,6 +134,27 @@ class Compressor:
     def needs_decode_attention(self) -> bool:
         """Whether decode-time eviction needs the attention weights of every decoded token (H2O)."""
         return False
+
+    @property
+    def decode_interval(self) -> int:
+        """Re-apply the method every this many decoded tokens once the decode budget is reached."""
+        return 1
+
+    @property
+    def prefill_chunk_size(self) -> int | None:
+        """Prefill a longer prompt this many tokens at a time, compressing after each chunk (None: at once)."""
+        return None
+
+    @property
+    def decode_method(self) -> "Compressor":
+        """The compressor the cache re-applies while decoding (its ``capacity``, ``compress_tokens`` or
+        ``select_mask``, ``layer_token_budget``): this one unless a decode-time policy names another."""
+        return self
+
+    def decode_attention_scores(self, weights: torch.Tensor) -> torch.Tensor:
+        """Fold the attention weights of the new tokens, ``(B, Hkv, g, n, T)`` (padded tokens zeroed), into per-slot
+        scores ``(B, Hkv, T)`` added to the accumulators (methods whose ``needs_decode_attention`` is True)."""
+        return reduce_groups(weights.sum(dim=3), "mean")
 
     uses_prefill_attention: ClassVar[bool] = False  # whether select reads the prefill attention's lse/column sums
 
@@ -171,6 +206,24 @@ class Compressor:
             query_states, key_states, value_states, layer_idx=layer_idx, num_layers=num_layers
         )
         return kept.keys, kept.values
+
+    # -- ragged layout (head-wise methods) ----------------------------------------------------------------------
+    def select_mask(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *, layer_idx: int = 0,
+                    num_layers: int = 1, capacity: int | None = None, key_valid: torch.Tensor | None = None,
+                    prefill_attention: PrefillAttention | None = None) -> torch.Tensor:
+        """Boolean ``(B, Hkv, n)``: the tokens each KV head keeps (methods of ``layout == "ragged"``)."""
+        raise NotImplementedError(f"{self.name} has layout {self.layout!r}: it returns Kept from compress_tokens, "
+                                  "not a per-head keep mask")
+
+    def layer_token_budget(self, capacity: int, layer_idx: int, num_layers: int, num_query_heads: int,
+                           num_kv_heads: int) -> int:
+        """Tokens the whole layer holds per sample at ``capacity`` (window included): ``Hkv · capacity``."""
+        return num_kv_heads * capacity
+
+    # -- storage ------------------------------------------------------------------------------------------------
+    def make_storage(self, context: ModelContext) -> StorageFactory:
+        """The storage factory of a cache running this method (full precision; the quantization wrapper overrides)."""
+        return DenseStorage()
 
     def describe(self) -> dict[str, object]:
         """The method name and every parameter, for run metadata."""
@@ -255,6 +308,10 @@ class BudgetedCompressor(Compressor):
     def decode_budget_tokens(self) -> int | None:
         return self.decode_budget
 
+    @property
+    def decode_interval(self) -> int:
+        return self.compress_interval
+
 
 @dataclass(kw_only=True)
 class WindowedCompressor(BudgetedCompressor):
@@ -307,6 +364,16 @@ class WindowedCompressor(BudgetedCompressor):
         """Importance ``(B, Hkv, n - W)`` of every past (non-window) token; higher is kept."""
         raise NotImplementedError
 
+    # whether score() returns attention mass (non-negative, comparable across heads as shares): AdaKV's allocation
+    # then normalizes each head's scores by the share of its mass in its top budget
+    scores_are_attention_mass: ClassVar[bool] = True
+
+    def past_token_scores(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *, layer_idx: int,
+                          prefill_attention: PrefillAttention | None = None) -> torch.Tensor:
+        """The scorer contract read by head-wise allocation (:class:`~kvfactory.methods.wrappers.HeadwiseAllocation`):
+        importance ``(B, Hkv, n - W)`` of every past token, higher kept. ``score`` unless a method overrides."""
+        return self.score(queries, keys, values, layer_idx=layer_idx)
+
     def select(
         self,
         queries: torch.Tensor,
@@ -329,10 +396,11 @@ class WindowedCompressor(BudgetedCompressor):
         merge = getattr(self, "merge", None)
         if merge is None:
             return super().kept_key_values(queries, keys, values, selection, layer_idx)
-        from kvfactory.methods.merging import merge_evicted
-
         return merge_evicted(keys, values, selection.indices, self.window_size, merge)
 
     @property
     def query_window_size(self) -> int:
         return self.window_size if self.scores_with_queries and self.decode_budget is not None else 0
+
+    def decode_attention_scores(self, weights: torch.Tensor) -> torch.Tensor:
+        return reduce_groups(weights.sum(dim=3), self.gqa_score_agg)

@@ -56,6 +56,9 @@ class H2O(WindowedCompressor):
         indices = top_past_plus_window(scores[..., :past], capacity, self.window_size, self.sink_size)
         return Selection(indices, scores.gather(2, indices))
 
+    def past_token_scores(self, queries, keys, values, *, layer_idx, prefill_attention=None) -> torch.Tensor:
+        return self.token_scores(queries, keys, prefill_attention)[..., : keys.shape[-2] - self.window_size]
+
     @property
     def needs_decode_attention(self) -> bool:
         return self.decode_budget is not None

@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
-
 import torch
 
 from kvfactory.methods.base import WindowedCompressor, check_shapes
-from kvfactory.methods.scoring import grouped_logits, pool_scores, reduce_groups
+from kvfactory.methods.scoring import PrefillAttention, grouped_logits, pool_scores, reduce_groups
 
 
 def masked_window_attention(queries: torch.Tensor, keys: torch.Tensor, window_size: int,
@@ -23,6 +21,18 @@ def masked_window_attention(queries: torch.Tensor, keys: torch.Tensor, window_si
     return torch.softmax(logits, dim=-1).to(keys.dtype)
 
 
+def keep_top_per_head(past_scores: torch.Tensor, caps: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The keep mask ``(B, Hkv, n)``: head ``h`` keeps its ``caps[b, h]`` best past tokens by ``past_scores
+    (B, Hkv, P)`` (at most its finite ones) and every token from ``P`` on (the window), where ``valid``."""
+    caps = torch.minimum(caps, torch.isfinite(past_scores).sum(-1))
+    rank = torch.empty_like(past_scores, dtype=torch.long)
+    order = past_scores.sort(dim=-1, descending=True).indices  # KVCF's ranking primitive (ties: sort's order)
+    rank.scatter_(-1, order, torch.arange(past_scores.shape[-1], device=past_scores.device).expand_as(order))
+    keep = valid.clone()
+    keep[..., : past_scores.shape[-1]] &= rank < caps[..., None]
+    return keep
+
+
 @dataclass(kw_only=True)
 class HeadwiseCompressor(WindowedCompressor):
     """Base of head-wise methods: SnapKV-style scores averaged over the window (not summed), then per-head caps.
@@ -33,7 +43,7 @@ class HeadwiseCompressor(WindowedCompressor):
 
     kernel_size: int = 7
     pooling: str = "maxpool"
-    headwise: ClassVar[bool] = True
+    layout = "ragged"
     scores_with_queries = True
 
     def past_scores(self, queries: torch.Tensor, keys: torch.Tensor, key_valid: torch.Tensor | None
@@ -52,14 +62,9 @@ class HeadwiseCompressor(WindowedCompressor):
         """Past tokens each head keeps, ``(B, Hkv)`` int64."""
         raise NotImplementedError
 
-    def layer_token_budget(self, capacity: int, layer_idx: int, num_layers: int, num_query_heads: int,
-                           num_kv_heads: int) -> int:
-        """Tokens the whole layer holds per sample at ``capacity`` (window included): ``Hkv · capacity``."""
-        return num_kv_heads * capacity
-
     def select_mask(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *, layer_idx: int = 0,
-                    num_layers: int = 1, capacity: int | None = None, key_valid: torch.Tensor | None = None
-                    ) -> torch.Tensor:
+                    num_layers: int = 1, capacity: int | None = None, key_valid: torch.Tensor | None = None,
+                    prefill_attention: PrefillAttention | None = None) -> torch.Tensor:
         """Boolean ``(B, Hkv, n)``: the tokens kept (all of them when the capacity covers the sequence)."""
         batch, heads, n, _ = keys.shape
         if capacity is None:
@@ -70,13 +75,7 @@ class HeadwiseCompressor(WindowedCompressor):
             return valid.clone()
         scores = self.past_scores(queries, keys, key_valid)
         caps = self.head_caps(scores, capacity, layer_idx, num_layers, queries.shape[1])
-        caps = torch.minimum(caps, torch.isfinite(scores).sum(-1))
-        rank = torch.empty_like(scores, dtype=torch.long)
-        order = scores.sort(dim=-1, descending=True).indices  # KVCF's ranking primitive (ties: sort's order)
-        rank.scatter_(-1, order, torch.arange(scores.shape[-1], device=keys.device).expand_as(order))
-        keep = valid.clone()
-        keep[..., : n - self.window_size] &= rank < caps[..., None]
-        return keep
+        return keep_top_per_head(scores, caps, valid)
 
     def compress(self, query_states: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor,
                  layer_idx: int = 0, num_layers: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,6 +27,7 @@ class L2Norm(WindowedCompressor):
     name = "l2norm"
     window_size: int = 0
     skip_layers: list[int] = field(default_factory=lambda: [0, 1])
+    scores_are_attention_mass = False  # minus key norms
 
     def capacity(self, layer_idx: int, num_layers: int, seq_len: int, budget: int | None = None) -> int:
         if layer_idx in self.skip_layers:

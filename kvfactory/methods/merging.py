@@ -15,7 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kvfactory.methods.base import MERGE_MODES, gather_tokens
+from kvfactory.methods.scoring import gather_tokens
+
+MERGE_MODES = ("pivot", "weighted")
 
 
 def evicted_positions(kept: torch.Tensor, seq_len: int) -> torch.Tensor:

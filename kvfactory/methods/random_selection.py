@@ -22,6 +22,7 @@ class RandomSelection(WindowedCompressor):
 
     name = "random"
     seed: int = 0
+    scores_are_attention_mass = False
 
     def score(self, queries, keys, values, *, layer_idx, accumulated=None) -> torch.Tensor:
         batch, heads, n, _ = keys.shape

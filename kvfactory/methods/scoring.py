@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kvfactory.attention import grouped_logits
+
 GQA_AGGREGATIONS = ("mean", "max", "sum")
 POOLINGS = ("maxpool", "avgpool")
 
@@ -30,14 +32,9 @@ def score_chunk_elements(device: torch.device) -> int:
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
-def grouped_logits(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """``queries·keysᵀ/√d`` per query head, as ``(B, Hkv, g, n_q, n)`` in the inputs' dtype."""
-    batch, num_q_heads, n_q, head_dim = queries.shape
-    num_kv_heads = keys.shape[1]
-    groups = num_q_heads // num_kv_heads
-    grouped = queries.reshape(batch, num_kv_heads, groups * n_q, head_dim)
-    logits = torch.matmul(grouped, keys.transpose(-1, -2)) / math.sqrt(head_dim)
-    return logits.view(batch, num_kv_heads, groups, n_q, keys.shape[-2])
+def gather_tokens(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Gather ``(B, H, n, d)`` along the sequence with ``(B, H, k)`` indices."""
+    return tensor.gather(2, indices.unsqueeze(-1).expand(-1, -1, -1, tensor.shape[-1]))
 
 
 def window_attention(queries: torch.Tensor, keys: torch.Tensor, window_size: int) -> torch.Tensor:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from kvfactory.methods.base import BudgetedCompressor, Selection
+from kvfactory.methods.merging import merge_evicted
 
 
 @dataclass(kw_only=True)
@@ -53,6 +54,4 @@ class StreamingLLM(BudgetedCompressor):
     def kept_key_values(self, queries, keys, values, selection, layer_idx):
         if self.merge is None:
             return super().kept_key_values(queries, keys, values, selection, layer_idx)
-        from kvfactory.methods.merging import merge_evicted
-
         return merge_evicted(keys, values, selection.indices, 0, self.merge)

@@ -1,25 +1,22 @@
-"""Quantized KV storage under any eviction method: ``kvfactory.patch(model, method, quant_method=..., nbits=...)``.
+"""KV quantizers: ``kvfactory.patch(model, method, quant_method=..., nbits=...)`` quantizes what any method keeps.
 
-Quantizers by name (``get(name, **params)``, ``names()``): ``kivi``, ``kvquant``, ``gear``, ``layerquant``.
-:func:`configure` (called by ``kvfactory.patch``) turns the quantization parameters into the cache's storage
-(:class:`~kvfactory.storage.quantized.QuantizedStorage`) and, for quantized pruning, wraps the method so its budget
-counts memory (:class:`~kvfactory.quant.budget.MemoryBudget`).
+Quantizers by name (``get(name, **params)``, ``names()``): ``kivi``, ``kvquant``, ``gear``, ``layerquant``. This
+package knows nothing of methods or storage: the quantization wrapper
+(:class:`~kvfactory.methods.wrappers.Quantized`) turns a quantizer into the cache's storage
+(:class:`~kvfactory.storage.quantized.QuantizedStorage`) and, for quantized pruning, converts the method's budget
+into memory (:func:`~kvfactory.quant.budget.tokens_for_memory`).
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
-import torch
-
-from kvfactory.methods.base import BudgetedCompressor, Compressor
 from kvfactory.quant.base import KVQuantizer
-from kvfactory.quant.budget import MemoryBudget, tokens_for_memory
+from kvfactory.quant.budget import tokens_for_memory
 from kvfactory.quant.gear import GEAR
 from kvfactory.quant.kivi import KIVI
 from kvfactory.quant.kvquant import KVQuant
 from kvfactory.quant.layerquant import LayerQuant
-from kvfactory.storage.base import Rotary
 
 QUANTIZERS: dict[str, type[KVQuantizer]] = {cls.name: cls for cls in (KIVI, KVQuant, GEAR, LayerQuant)}
 
@@ -63,33 +60,5 @@ def kv_shape(config: Any) -> tuple[int, int]:
     return heads, head_dim
 
 
-def configure(method: Compressor, params: dict[str, Any], *, rotary: Rotary | None, num_layers: int, config: Any,
-              dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
-    """The storage quantizing what ``method`` keeps, and the method itself (wrapped for quantized pruning).
-
-    ``params`` holds ``quant_method`` and the quantizer's parameters; ``rotary`` is the model's RoPE by layer
-    (KVQuant), ``dtype`` the model's (the residual's, for the byte arithmetic of quantized pruning).
-    """
-    from kvfactory.storage.quantized import QuantizedStorage  # it imports kvfactory.quant.base
-
-    params = dict(params)
-    quantizer = get(params.pop("quant_method"), **params)
-    if getattr(method, "headwise", False):
-        raise ValueError(f"quant_method {quantizer.name!r} cannot quantize the head-wise method {method.name!r}: its "
-                         "ragged storage is full precision only; use a method with per-layer budgets")
-    heads, head_dim = kv_shape(config)
-    quantizer.check_head_dim(head_dim)
-    layers = [quantizer.for_layer(layer, num_layers) for layer in range(num_layers)]
-    storage = QuantizedStorage(layers, rotary, quantizer.describe())
-    if quantizer.quant_pruning:
-        if not isinstance(method, BudgetedCompressor):
-            raise ValueError(f"quant_pruning spends a token budget as memory; method {method.name!r} has no budget "
-                             "(use e.g. snapkv with max_capacity_prompt)")
-        dtype_bytes = torch.empty(0, dtype=dtype).element_size()
-        method = MemoryBudget(method, lambda layer, capacity: tokens_for_memory(
-            capacity, layers[layer], heads, head_dim, dtype_bytes))
-    return storage, method
-
-
-__all__ = ["GEAR", "KIVI", "KVQuant", "KVQuantizer", "LayerQuant", "MemoryBudget", "QUANT_PARAMETERS", "configure",
-           "get", "names", "parameters", "tokens_for_memory"]
+__all__ = ["GEAR", "KIVI", "KVQuant", "KVQuantizer", "LayerQuant", "QUANT_PARAMETERS", "get", "kv_shape", "names",
+           "parameters", "tokens_for_memory"]

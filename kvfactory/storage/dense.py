@@ -12,8 +12,11 @@ allocated byte, headroom included.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+
+from kvfactory.attention import AttentionSpec, attend
 
 MIN_HEADROOM = 8  # slots added beyond the needed length when a store grows
 HEADROOM_FRACTION = 16  # ... or length // HEADROOM_FRACTION, whichever is larger
@@ -118,6 +121,44 @@ class DenseStore:
             pick(self.keys), pick(self.values), pick(self.positions), {n: pick(self.extra(n)) for n in self._extras}
         )
 
+    def key_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys, self.values
+
+    def mean_kept(self) -> float:
+        """Mean real tokens per KV head over the batch (padding not counted)."""
+        return mean_kept(self)
+
+    def attend(self, queries: torch.Tensor, spec: AttentionSpec, *, query_valid: torch.Tensor | None = None,
+               query_positions: torch.Tensor | None = None, need_weights: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention of the new tokens over every slot (see :func:`attend_slots`)."""
+        return attend_slots(self, queries, spec, query_valid, query_positions, need_weights)
+
+    kind = "dense"
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Every tensor needed to rebuild this store (``from_state``), at its used length."""
+        tensors = {"keys": self.keys, "values": self.values, "positions": self.positions}
+        if self.valid is not None:
+            tensors["valid"] = self.valid
+        tensors.update({f"extra.{name}": self.extra(name) for name in self.extra_names})
+        return {name: t.contiguous() for name, t in tensors.items()}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor]) -> "DenseStore":
+        extras = {name.removeprefix("extra."): t for name, t in tensors.items() if name.startswith("extra.")}
+        return cls(tensors["keys"], tensors["values"], tensors["positions"], tensors.get("valid"), extras)
+
+    def snapshot(self) -> Any:
+        """The length and the per-slot extras: appended slots are simply forgotten by :meth:`restore`."""
+        return self.length, {name: self.extra(name).clone() for name in self.extra_names}
+
+    def restore(self, snapshot: Any) -> None:
+        length, extras = snapshot
+        self.truncate(length)
+        for name, values in extras.items():
+            self.extra(name).copy_(values)
+
     def nbytes(self) -> int:
         """Every byte this store holds (headroom, positions, validity and extras included)."""
         tensors = [self._keys, self._values, self._positions, self._valid, *self._extras.values()]
@@ -199,3 +240,17 @@ class DenseStore:
         if self._valid is not None:
             self._valid = grown(self._valid, False)
         self._extras = {name: grown(tensor) for name, tensor in self._extras.items()}
+
+
+def mean_kept(store: Any) -> float:
+    """Mean real tokens per KV head of a store with ``length`` and ``valid (B, T)`` (dense and quantized stores)."""
+    valid = store.valid
+    return float(store.length if valid is None else valid.sum(1).float().mean())
+
+
+def attend_slots(store: Any, queries: torch.Tensor, spec: AttentionSpec, query_valid: torch.Tensor | None,
+                 query_positions: torch.Tensor | None, need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of the new tokens (the store's last ones) over a store's ``keys``/``values``, masking invalid slots
+    and, for a sliding window, by ``positions``."""
+    return attend(queries, store.keys, store.values, spec, key_valid=store.valid, query_valid=query_valid,
+                  query_positions=query_positions, key_positions=store.positions, need_weights=need_weights)

@@ -20,9 +20,11 @@ from typing import Any
 
 import torch
 
+from kvfactory.attention import AttentionSpec
 from kvfactory.quant.base import EncodedTensor, KVQuantizer, LayerRotary
-from kvfactory.storage.base import Rotary
-from kvfactory.storage.dense import DenseStore, StoreRow
+from kvfactory.storage.base import MaskedPart, Rotary, ragged_from_parts
+from kvfactory.storage.dense import DenseStore, StoreRow, attend_slots, mean_kept
+from kvfactory.storage.ragged import RaggedStore
 
 
 def _owned(tensor: torch.Tensor) -> torch.Tensor:
@@ -63,6 +65,12 @@ class QuantizedBlock:
 
 class QuantizedStore:
     """Keys/values of one layer: quantized blocks followed by a full-precision residual."""
+
+    kind = "quantized"
+
+    def state(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError("saving a quantized cache is not supported yet: save the full-precision cache "
+                                  "(without quant_method) or recompute the context")
 
     def __init__(self, quantizer: KVQuantizer, residual: DenseStore, rotate: LayerRotary | None = None,
                  blocks: list[QuantizedBlock] | None = None) -> None:
@@ -124,6 +132,18 @@ class QuantizedStore:
     @property
     def extra_names(self) -> list[str]:
         return self.residual.extra_names
+
+    def key_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys, self.values
+
+    def mean_kept(self) -> float:
+        return mean_kept(self)
+
+    def attend(self, queries: torch.Tensor, spec: AttentionSpec, *, query_valid: torch.Tensor | None = None,
+               query_positions: torch.Tensor | None = None, need_weights: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention over the dequantized blocks and the residual (nothing dequantized is kept)."""
+        return attend_slots(self, queries, spec, query_valid, query_positions, need_weights)
 
     def _dense_view(self) -> DenseStore:
         return DenseStore(self.keys, self.values, self.positions, self.valid, {n: self.extra(n) for n in self.extra_names})
@@ -215,8 +235,107 @@ class QuantizedStore:
         self.residual.reorder(batch_index)
 
 
+class QuantizedRaggedStore(RaggedStore):
+    """A head-wise (ragged) store whose prefix is quantized: what a head-wise method kept at prefill.
+
+    The flat prefix ``(N, d)`` (segments of ``(sample, KV head)`` one after the other, see
+    :class:`~kvfactory.storage.ragged.RaggedStore`) is encoded whole as one ``(1, 1, N, d)`` block, its last key
+    group padded to ``q_group_size`` rows (padding sets no range; its codes are counted in the bytes). Keys are thus
+    quantized per channel over ``q_group_size`` consecutive prefix rows, which may span two heads' segments (their
+    ranges are shared); values per token as always. The tokens appended while decoding (the tail) form the
+    full-precision residual, until a decode-time re-compression rebuilds, and re-quantizes, the store. Attention
+    dequantizes the block each step into a temporary (nothing dequantized is kept); ``nbytes`` counts the packed
+    codes, scales, zero-points, outliers, low-rank factors, the tail and the bookkeeping.
+    """
+
+    kind = "quantized"
+
+    def state(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError("saving a quantized cache is not supported yet: save the full-precision cache "
+                                  "(without quant_method) or recompute the context")
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor,
+                 quantizer: KVQuantizer, rotate: LayerRotary | None = None) -> None:
+        super().__init__(keys, values, positions, lengths)
+        quantizer.check_head_dim(keys.shape[-1])
+        self.quantizer = quantizer
+        self.rotate = rotate
+        count = keys.shape[0]
+        self.quantized_rows = count
+        self.encoded: tuple[EncodedTensor, EncodedTensor] | None = None
+        if count:
+            padded = -(-count // quantizer.q_group_size) * quantizer.q_group_size
+            exclude = (torch.arange(padded, device=keys.device) >= count).view(1, 1, padded, 1)
+            self.encoded = quantizer.encode(self._padded_rows(keys, padded), self._padded_rows(values, padded),
+                                            self._block_positions(padded), rotate,
+                                            exclude if padded > count else None)
+            self._keys = self._keys[count:].clone()
+            self._values = self._values[count:].clone()
+
+    @staticmethod
+    def _padded_rows(rows: torch.Tensor, padded: int) -> torch.Tensor:
+        """``rows (N, d)`` as a ``(1, 1, padded, d)`` block, zero rows after ``N``."""
+        block = rows.new_zeros(padded, rows.shape[-1])
+        block[: rows.shape[0]] = rows
+        return block.view(1, 1, padded, -1)
+
+    def _block_positions(self, padded: int) -> torch.Tensor:
+        block = torch.zeros(padded, dtype=torch.int32, device=self.flat_positions.device)
+        block[: self.quantized_rows] = self.flat_positions[: self.quantized_rows]
+        return block.view(1, 1, padded)
+
+    @classmethod
+    def quantize(cls, store: RaggedStore, quantizer: KVQuantizer, rotate: LayerRotary | None = None
+                 ) -> "QuantizedRaggedStore":
+        """The quantized version of a full-precision ragged store with an empty tail."""
+        if store.tail_length:
+            raise ValueError("only a ragged store with an empty tail can be quantized")
+        return cls(store.flat_keys, store.flat_values, store.flat_positions, store.lengths, quantizer, rotate)
+
+    @property
+    def _buffer_prefix(self) -> int:
+        return self.prefix_size - self.quantized_rows
+
+    def _decoded(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The quantized prefix rows, dequantized ``(N', d)`` each (None when nothing is quantized)."""
+        if self.encoded is None:
+            return None
+        keys, values = self.encoded
+        dtype, count = self._keys.dtype, self.quantized_rows
+        decoded_keys = self.quantizer.decode_keys(keys, self._block_positions(keys.quantized.packed.shape[2]),
+                                                  self.rotate, dtype)
+        return decoded_keys[0, 0, :count], values.decode().to(dtype)[0, 0, :count]
+
+    def _attention_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        decoded = self._decoded()
+        if decoded is None:
+            return self._keys, self._values
+        return torch.cat([decoded[0], self._keys]), torch.cat([decoded[1], self._values])
+
+    @property
+    def flat_keys(self) -> torch.Tensor:
+        return self._attention_buffers()[0][: self.prefix_size]
+
+    @property
+    def flat_values(self) -> torch.Tensor:
+        return self._attention_buffers()[1][: self.prefix_size]
+
+    def nbytes(self) -> int:
+        encoded = 0 if self.encoded is None else sum(part.nbytes() for part in self.encoded)
+        return super().nbytes() + encoded
+
+    def reorder(self, batch_index: torch.Tensor) -> None:
+        """Reorder the batch (beam search): rebuilt from the reordered rows and quantized again."""
+        batch_index = batch_index.to(self._keys.device)
+        keys, values, positions, valid = (t.index_select(0, batch_index) for t in self.padded())
+        rebuilt = QuantizedRaggedStore.quantize(RaggedStore.from_mask(keys, values, positions, valid), self.quantizer,
+                                                self.rotate)
+        self.__dict__.update(rebuilt.__dict__)
+
+
 class QuantizedStorage:
-    """Builds a :class:`QuantizedStore` per layer from per-layer quantizers (None: that layer stays dense)."""
+    """Builds a :class:`QuantizedStore` per layer from per-layer quantizers (None: that layer stays dense), or a
+    :class:`QuantizedRaggedStore` for a head-wise method."""
 
     def __init__(self, quantizers: list[KVQuantizer | None], rotary: Rotary | None = None,
                  description: dict[str, object] | None = None) -> None:
@@ -235,6 +354,13 @@ class QuantizedStorage:
         if quantizer is None:
             return DenseStore.from_rows(rows)
         return QuantizedStore.from_rows(rows, quantizer, self.layer_rotary(layer_idx))
+
+    def build_ragged(self, layer_idx: int, parts: list[MaskedPart]) -> RaggedStore:
+        store = ragged_from_parts(parts)
+        quantizer = self.quantizers[layer_idx]
+        if quantizer is None:
+            return store
+        return QuantizedRaggedStore.quantize(store, quantizer, self.layer_rotary(layer_idx))
 
     def describe(self) -> dict[str, object]:
         return {"storage": "quantized", **self.description}

@@ -27,6 +27,7 @@ slot, plus an int32 index per row slot for a batch) included.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -180,6 +181,47 @@ class RaggedStore:
         return [float(self.lengths[b].float().mean()) + (self.tail_length if valid is None else int(valid[b].sum()))
                 for b in range(self.lengths.shape[0])]
 
+    def mean_kept(self) -> float:
+        """Mean tokens per KV head over the batch (invalid tail tokens not counted)."""
+        kept = self.kept_per_sample()
+        return sum(kept) / len(kept)
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """Positions ``(B, Hkv, T)`` of every head's tokens, left-padded with -1 (prefix then tail)."""
+        return self.padded()[2]
+
+    def key_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded copies of the keys and values, ``(B, Hkv, T, d)`` (for inspection)."""
+        keys, values, _, _ = self.padded()
+        return keys, values
+
+    kind = "ragged"
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Every tensor needed to rebuild this store (``from_state``): the prefix and the tail."""
+        tensors = {"keys": self.flat_keys, "values": self.flat_values, "positions": self.flat_positions,
+                   "lengths": self.lengths, "tail_keys": self.tail_keys, "tail_values": self.tail_values,
+                   "tail_positions": self.tail_positions}
+        if self.tail_valid is not None:
+            tensors["tail_valid"] = self.tail_valid
+        return {name: t.contiguous() for name, t in tensors.items()}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor]) -> "RaggedStore":
+        store = cls(tensors["keys"], tensors["values"], tensors["positions"], tensors["lengths"])
+        if tensors["tail_keys"].shape[2]:
+            store.append(tensors["tail_keys"], tensors["tail_values"], tensors["tail_positions"],
+                         tensors.get("tail_valid"))
+        return store
+
+    def snapshot(self) -> Any:
+        """The tail length: the prefix never changes, appended tokens are dropped by :meth:`restore`."""
+        return self.tail_length
+
+    def restore(self, snapshot: Any) -> None:
+        self.tail_length = min(self.tail_length, snapshot)
+
     def nbytes(self) -> int:
         tensors = [self._keys, self._values, self.flat_positions, self.lengths, self._tail_positions, self._tail_valid]
         return sum(t.untyped_storage().nbytes() for t in tensors if t is not None) + self.layout.nbytes()
@@ -247,19 +289,30 @@ class RaggedStore:
         """Drop tail tokens beyond ``length`` slots of the longest head (the prefix is never cut)."""
         self.tail_length = min(self.tail_length, max(0, length - int(self.lengths.max())))
 
+    @property
+    def _buffer_prefix(self) -> int:
+        """Prefix rows held in the full-precision buffers before the tail (all of them here; a quantized subclass
+        holds fewer)."""
+        return self.prefix_size
+
+    def _attention_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of every row slot, prefix then tail, in full precision."""
+        return self._keys, self._values
+
     def _tail_blocks(self, buffer: torch.Tensor) -> torch.Tensor:
         """The tail part of a buffer as ``(B, capacity, Hkv, d)`` (a view)."""
         batch, heads = self.lengths.shape
-        return buffer[self.prefix_size :].view(batch, self.layout.tail_capacity, heads, buffer.shape[-1])
+        return buffer[self._buffer_prefix :].view(batch, self.layout.tail_capacity, heads, buffer.shape[-1])
 
     def _grow_tail(self, capacity: int) -> None:
         """Re-allocate the buffers with room for ``capacity`` tail tokens per sample (the contents are kept)."""
         batch, heads = self.lengths.shape
 
         def grown(buffer: torch.Tensor) -> torch.Tensor:
-            bigger = buffer.new_zeros(self.prefix_size + batch * capacity * heads, buffer.shape[-1])
-            bigger[: self.prefix_size] = buffer[: self.prefix_size]
-            bigger[self.prefix_size :].view(batch, capacity, heads, -1)[:, : self.tail_length] = (
+            kept = self._buffer_prefix
+            bigger = buffer.new_zeros(kept + batch * capacity * heads, buffer.shape[-1])
+            bigger[:kept] = buffer[:kept]
+            bigger[kept:].view(batch, capacity, heads, -1)[:, : self.tail_length] = (
                 self._tail_blocks(buffer)[:, : self.tail_length])
             return bigger
 
@@ -285,7 +338,7 @@ class RaggedStore:
         heads = self.lengths.shape[1]
         slots = self.layout.prefix_slots + self.tail_length * heads
         keys, values = (self.layout.rows(buffer, slots)[:, None].expand(-1, heads, -1, -1)
-                        for buffer in (self._keys, self._values))
+                        for buffer in self._attention_buffers())
         mask = self._row_mask(n, num_q_heads // heads, slots, spec, query_valid, query_positions)
         grouped = queries.reshape(batch, heads, num_q_heads // heads * n, head_dim)  # rows: (group, token)
         output = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask)
