@@ -15,7 +15,8 @@ the same for the span from the first to the last record written (``answering_2``
 expected on 2 free cores with 1 thread per process, more on a loaded machine: time it under
 ``flock /tmp/kvf_cpu.lock``.
 
-    OMP_WAIT_POLICY=PASSIVE flock /tmp/kvf_cpu.lock python -m benchmarks.data_parallel --samples 48 --runners longbench
+    OMP_WAIT_POLICY=PASSIVE flock /tmp/kvf_cpu.lock python -m benchmarks.data_parallel --samples 40 \\
+        --runners longbench,needle --hidden_size 512 --layers 8
     python -m benchmarks.data_parallel --samples 6 --kill longbench   # the check tests/test_data_parallel.py runs
 
 Exit status 0 when every folder equals the 1-process one.
@@ -39,10 +40,17 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = {"longbench": "run_longbench.py", "ruler": "run_ruler.py", "needle": "run_needle.py"}
 
 
-def prepare(workspace: Path, samples: int) -> Path:
+def prepare(workspace: Path, samples: int, hidden_size: int = 64, layers: int = 2) -> Path:
+    """The model (a random Llama of ``hidden_size`` and ``layers``, 4 query and 2 KV heads, character tokenizer) and
+    the LongBench and RULER samples, under ``workspace``."""
     workspace.mkdir(parents=True, exist_ok=True)
     if not (workspace / "model" / "config.json").is_file():
-        tiny_checkpoint(workspace / "model")
+        from transformers import LlamaConfig
+
+        config = LlamaConfig(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=layers,
+                             num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                             max_position_embeddings=512, initializer_range=0.2)
+        tiny_checkpoint(workspace / "model", config)
     if not (workspace / "longbench").is_dir():
         longbench_data(workspace / "longbench", samples)
     if not (workspace / "ruler").is_dir():
@@ -158,13 +166,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=24, help="samples per runner (needle: about as many cells)")
     parser.add_argument("--kill", default="", help="comma list of runners whose 2-process run also gets one rank "
                         "killed, then a 1-process resume (e.g. longbench,ruler,needle)")
+    parser.add_argument("--hidden_size", type=int, default=64, help="of the random Llama (64: the tests' tiny one)")
+    parser.add_argument("--layers", type=int, default=2, help="of the random Llama")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a new temporary one)")
     args = parser.parse_args(argv)
     runners = [name.strip() for name in args.runners.split(",") if name.strip()]
     unknown = [name for name in runners if name not in RUNNERS]
     if unknown or args.samples < 2:
         parser.error(f"--runners takes {', '.join(RUNNERS)} (got {', '.join(unknown)}); --samples >= 2")
-    workspace = prepare(args.workdir or Path(tempfile.mkdtemp(prefix="kvf_dp_")), args.samples)
+    workspace = prepare(args.workdir or Path(tempfile.mkdtemp(prefix="kvf_dp_")), args.samples, args.hidden_size,
+                        args.layers)
     killed = set(name.strip() for name in args.kill.split(",") if name.strip())
     if killed - set(runners):
         parser.error(f"--kill names runners not in --runners: {', '.join(sorted(killed - set(runners)))}")
