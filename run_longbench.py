@@ -76,7 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         folder = run(args)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
-    print(f"-> {folder} ({time.perf_counter() - started:.1f} s)")
+    from kvfactory.benchmarks import distributed
+
+    if distributed.is_main():  # data parallel: one report for the run
+        print(f"-> {folder} ({time.perf_counter() - started:.1f} s)")
     return 0
 
 

@@ -186,13 +186,21 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         budget=budget, version=version, needle=args.needle, question=args.retrieval_question,
         answer_prefix=args.answer_prefix, max_new_tokens=args.max_new_tokens, use_chat_template=not args.no_chat_template,
         haystack=f"essays:{haystack_dir}" if args.haystack == "essays" else "noise")
-    record_run(meta_path, settings, args=args, has_results=has_results,
-               extra={"method_params": params, "lengths": spec.lengths, "depths": spec.depths,
-                      "haystack": spec.haystack, "haystack_tokens": len(haystack)})
+    from kvfactory.benchmarks import distributed
+
+    rank = distributed.context()
+    if rank.is_main:  # one run_meta entry per run, however many workers
+        record_run(meta_path, settings, args=args, has_results=has_results,
+                   extra={"method_params": params, "lengths": spec.lengths, "depths": spec.depths,
+                          "haystack": spec.haystack, "haystack_tokens": len(haystack),
+                          "world_size": rank.world_size})
     with kvfactory.patch(model, name, **params) as handle:
         ran = needle.run_needle(model, tokenizer, handle, spec, haystack,
                                 stop_token_ids=model_stop_token_ids(model, tokenizer),
                                 batch_size=args.eval_batch_size)
+    distributed.barrier()  # every worker's cells are in before rank 0 summarises and plots
+    if not rank.is_main:
+        return 0
     print(f"{ran} cells answered, {len(spec.cells) - ran} already there -> {spec.results_dir}")
     print(needle.format_summary(plots.needle_grid(spec.results_dir, args.metric)))
     if not args.no_plot:

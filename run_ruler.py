@@ -65,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         run = run_ruler(args)
     except (ValueError, KeyError, SampleDoesNotFit) as error:
         parser.error(str(error))
+    from kvfactory.benchmarks import distributed
+
+    if not distributed.is_main():  # data parallel: rank 0 scores and reports the whole run
+        return 0
     for cell, reason in run.skipped.items():
         print(f"skipped {cell}: {reason}")
     if not run.scores:

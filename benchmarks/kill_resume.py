@@ -40,8 +40,9 @@ PROMPTS = {"multifieldqa_en": "Read the following text and answer briefly.\n\n{c
 
 
 # ---------------------------------------------------------------------------------------------------- workspace
-def tiny_checkpoint(folder: Path) -> Path:
-    """A random two-layer Llama with a one-character-per-token tokenizer and a chat template, saved to ``folder``."""
+def tiny_checkpoint(folder: Path, config: Any = "tiny-llama") -> Path:
+    """A random two-layer Llama (or ``config``: a name or config for ``random_model``) with a one-character-per-token
+    tokenizer and a chat template, saved to ``folder``."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -58,7 +59,7 @@ def tiny_checkpoint(folder: Path) -> Path:
                                         clean_up_tokenization_spaces=False)
     tokenizer.chat_template = ("{% for m in messages %}<|user|>{{ m['content'] }}</s>{% endfor %}"
                                "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-    model = random_model("tiny-llama", seed=0)
+    model = random_model(config, seed=0)
     model.generation_config.eos_token_id = 2
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

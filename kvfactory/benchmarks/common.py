@@ -135,12 +135,15 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
         id while offline, flash-attn absent), so the runners print one line instead of a traceback.
     """
     from kvfactory import models
+    from kvfactory.benchmarks import distributed
 
+    distributed.setup()  # under torchrun / accelerate launch: join the group, set this worker's threads
     check_model_arguments(args)
     torch.manual_seed(args.seed)
     try:
         return models.load(args.model_path, dtype=resolve_dtype(args.dtype, args.device_map),
-                           attn_implementation=args.attn_implementation, device_map=args.device_map)
+                           attn_implementation=args.attn_implementation, device_map=args.device_map,
+                           device=None if args.device_map is not None else distributed.worker_device())
     except ValueError as error:
         raise ValueError(f"--model_path {args.model_path}: {error}") from error
     except (OSError, ImportError) as error:
@@ -404,6 +407,10 @@ def run_jobs(model: Any, tokenizer: Any, handle: Any, jobs: list[Job], results: 
              key_field: str = "_id", description: str = "") -> int:
     """Answer every job not yet in ``results`` (greedy), appending one record each; returns how many ran.
 
+    Under ``torchrun`` / ``accelerate launch`` each rank answers its share of the pending jobs
+    (:func:`kvfactory.benchmarks.distributed.shard_keys`; every rank must call this for the same files in the same
+    order) and the progress bar shows on rank 0 only.
+
     Jobs are batched (left padding) when they share ``max_new_tokens`` and stop tokens; each record gets ``pred``,
     ``input_tokens``, ``kept_tokens`` (mean per layer and KV head after prefill) and ``seconds`` (the batch's wall
     time divided by its size).
@@ -412,10 +419,19 @@ def run_jobs(model: Any, tokenizer: Any, handle: Any, jobs: list[Job], results: 
 
     from kvfactory.generation import answer_on_compressed_context, greedy_generate
 
+    from kvfactory.benchmarks import distributed
+
     pending = [job for job in jobs if not results.done(job.key)]
     if len(pending) < len(jobs):
         logger.info("%s: %d of %d already done, resuming", description or results.path, len(jobs) - len(pending), len(jobs))
-    progress = tqdm(total=len(pending), desc=description or results.path.name, unit="sample")
+    rank = distributed.setup()
+    if rank.parallel:  # data parallel: this rank's strided share of rank 0's pending list
+        by_key = {job.key: job for job in jobs}
+        pending = [by_key[key] for key in distributed.shard_keys([job.key for job in pending]) if key in by_key]
+        logger.info("rank %d of %d: %d jobs of %s", rank.rank, rank.world_size, len(pending),
+                    description or results.path)
+    progress = tqdm(total=len(pending), desc=description or results.path.name, unit="sample",
+                    disable=not rank.is_main)
     ran = 0
     groups: dict[tuple[int, tuple[int, ...], bool, int], list[Job]] = {}
     for job in pending:

@@ -349,12 +349,17 @@ def run(args: argparse.Namespace) -> Path:
                                   args.query_agnostic)
         logger.info("%s: %d samples, max_length %d (%s), %d truncated", dataset, len(dataset_records), max_length,
                     source, sum(job.record["truncated"] for job in jobs[dataset]))
-    record_run(folder / meta_name, settings, args=args, has_results=has_results,
-               extra={"data_dir": str(data_dir), "stop_token_ids": stops, "max_length": lengths,
-                      "chat_template": builder.chat is not None})
+    from kvfactory.benchmarks import distributed
+
+    rank = distributed.context()
+    if rank.is_main:  # one run_meta entry per run, however many workers
+        record_run(folder / meta_name, settings, args=args, has_results=has_results,
+                   extra={"data_dir": str(data_dir), "stop_token_ids": stops, "max_length": lengths,
+                          "chat_template": builder.chat is not None, "world_size": rank.world_size})
     with kvfactory.patch(model, name, **params) as handle:
         for dataset, dataset_jobs in jobs.items():
             results = ResultsFile(folder / dataset / f"{label}.jsonl", key="_id")
             run_jobs(model, tokenizer, handle, dataset_jobs, results, batch_size=args.eval_batch_size,
                      description=f"{dataset} {label}")
+    distributed.barrier()  # every worker's records are in before rank 0 reports the folder
     return folder

@@ -28,6 +28,7 @@ from kvfactory.benchmarks.common import (
     parse_list, patch_parameters, run_jobs,
 )
 from kvfactory import methods
+from kvfactory.benchmarks import distributed
 from kvfactory.benchmarks.provenance import file_fingerprint, model_settings, record_run
 
 from kvfactory.quant import QUANT_PARAMETERS
@@ -291,10 +292,12 @@ def run_ruler(args: argparse.Namespace, model: Any = None, tokenizer: Any = None
     for method_args in per_method:
         name, params = patch_parameters(method_args)
         method = method_label(name, params)
-        record_run(run_dir / f"run_meta_{method}.json", run_settings(args, name, params, sources), args=args,
-                   has_results=lambda: _has_results(run_dir, method),
-                   extra={"ruler_template": template, "stop_token_ids": stops,
-                          "sentence_splitter": sentence_splitter_source()})
+        if distributed.is_main():  # one run_meta entry per run, however many workers
+            record_run(run_dir / f"run_meta_{method}.json", run_settings(args, name, params, sources), args=args,
+                       has_results=lambda: _has_results(run_dir, method),
+                       extra={"ruler_template": template, "stop_token_ids": stops,
+                              "sentence_splitter": sentence_splitter_source(),
+                              "world_size": distributed.context().world_size})
         started, answered = time.perf_counter(), 0
         with kvfactory.patch(model, name, **params) as handle:
             for (length, task), records in samples.items():
@@ -306,7 +309,8 @@ def run_ruler(args: argparse.Namespace, model: Any = None, tokenizer: Any = None
         run.generated[method] = answered
         logger.info("%s: %d answers in %.1fs", method, answered, run.seconds[method])
 
-    if samples:
+    distributed.barrier()  # every worker's answers are in before rank 0 scores
+    if samples and distributed.is_main():  # metrics.json written once
         from kvfactory.metrics.ruler import score_results
 
         run.scores = score_results(run_dir)

@@ -1,0 +1,63 @@
+"""Data parallel runs (issue 18): ``torchrun --nproc_per_node 2`` (gloo, CPU) of the LongBench, RULER and needle
+runners give the folder a 1-process run gives; a rank killed mid-run, then a 1-process resume, loses and duplicates
+nothing. Through ``benchmarks/data_parallel.py`` on a tiny random Llama with a character tokenizer (kill for LongBench
+only here, to stay short; ``--kill longbench,ruler,needle`` covers all three)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvfactory.benchmarks import distributed
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_two_processes_write_the_single_process_folder_and_a_killed_rank_resumes(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "benchmarks.data_parallel", "--samples", "6", "--kill", "longbench",
+                           "--workdir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=900)
+    reports = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert [r["runner"] for r in reports] == ["longbench", "ruler", "needle"]
+    for report in reports:
+        assert report["records"] >= 6
+        assert (report["lost"], report["duplicated"], report["changed"]) == (0, 0, 0), report
+    assert reports[0]["resumed"] == {"lost": 0, "duplicated": 0, "changed": 0}
+    assert 0 < reports[0]["killed_with_records"] < reports[0]["records"]  # killed mid-run, not after
+
+
+def test_without_a_launcher_a_process_is_rank_0_of_1_and_keeps_every_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    rank = distributed.setup()
+    assert (rank.rank, rank.world_size, rank.is_main, rank.parallel) == (0, 1, True, False)
+    assert distributed.shard_keys(["a", "b", "c"]) == ["a", "b", "c"]
+    assert distributed.worker_device() is None
+
+
+def test_rank_comes_from_the_launcher_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert distributed.context() == distributed.Rank(3, 4, 1, 2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert distributed.threads_per_process(distributed.context()) == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert distributed.threads_per_process(distributed.context()) == 4  # 8 CPUs ÷ 2 processes on this node
+
+
+def test_a_bad_rank_or_a_missing_rendezvous_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(ValueError, match="0 <= RANK < WORLD_SIZE"):
+        distributed.context()
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with pytest.raises(ValueError, match="torchrun --nproc_per_node N or accelerate launch"):
+        distributed.setup()
