@@ -12,7 +12,6 @@ Score a results folder (``{save_dir}/{model}_{C}``; writes ``{dataset}/metrics.j
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from pathlib import Path
@@ -57,9 +56,9 @@ def score(results_dir: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    logging.getLogger("kvfactory.patching").setLevel(logging.WARNING)
+    from kvfactory.benchmarks.common import configure_logging
+
+    configure_logging()
     if args.eval:
         if args.results_dir is None:
             parser.error("--eval needs --results_dir")

@@ -10,7 +10,6 @@ number is the key. Resumable: results go to ``{save_dir}/{model}_{C}/{method}.js
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from pathlib import Path
@@ -37,9 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    logging.getLogger("kvfactory.patching").setLevel(logging.WARNING)
+    from kvfactory.benchmarks.common import configure_logging
+
+    configure_logging()
     from kvfactory.benchmarks.common import parse_list
 
     try:

@@ -138,9 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    logging.getLogger("kvfactory.patching").setLevel(logging.WARNING)
+    from kvfactory.benchmarks.common import configure_logging
+
+    configure_logging()
     try:
         return COMMANDS[argv[0]](argv[1:])
     except (ValueError, FileNotFoundError) as error:  # one line naming what was wrong, no traceback

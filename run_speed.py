@@ -14,7 +14,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -96,9 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     from kvfactory.benchmarks.speed import MethodSpec, parse_method_spec, sweep, write_rows
 
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    logging.getLogger("kvfactory.patching").setLevel(logging.WARNING)
+    from kvfactory.benchmarks.common import configure_logging
+
+    configure_logging()
     specs = [parse_method_spec(spec) for spec in args.methods]
     if not any(spec.label == "fullkv" for spec in specs):
         specs.insert(0, MethodSpec("fullkv", {}, "fullkv"))

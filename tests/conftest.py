@@ -37,6 +37,18 @@ def greedy(model: torch.nn.Module, input_ids: torch.Tensor, new_tokens: int, **k
     return output[:, input_ids.shape[1]:]
 
 
+def decode_loop(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> tuple[list[torch.Tensor], object]:
+    """Prefill, then feed the argmax token one at a time; returns every step's last logits and the final cache."""
+    with torch.no_grad():
+        output = model(ids, use_cache=True)
+        logits = [output.logits[:, -1]]
+        for _ in range(steps):
+            token = logits[-1].argmax(-1, keepdim=True)
+            output = model(token, past_key_values=output.past_key_values, use_cache=True)
+            logits.append(output.logits[:, -1])
+    return logits, output.past_key_values
+
+
 def random_prompt(length: int, batch: int = 1, seed: int = 0, vocab: int = 128) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (batch, length), generator=generator)

@@ -10,7 +10,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 import kvfactory
 from kvfactory import models
 from kvfactory.architectures import ADAPTERS, adapter_for, supported_architectures
-from tests.conftest import ARCHITECTURES, random_prompt
+from tests.conftest import ARCHITECTURES, decode_loop, random_prompt
 
 
 def test_every_adapter_has_a_tiny_test_config_and_the_tests_run_it() -> None:
@@ -46,17 +46,6 @@ def _stock_windowed_run(model: torch.nn.Module, ids: torch.Tensor, window: int, 
     return logits
 
 
-def _patched_run(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> list[torch.Tensor]:
-    with torch.no_grad():
-        output = model(ids, use_cache=True)
-        logits = [output.logits[:, -1]]
-        for _ in range(steps):
-            token = logits[-1].argmax(-1, keepdim=True)
-            output = model(token, past_key_values=output.past_key_values, use_cache=True)
-            logits.append(output.logits[:, -1])
-    return logits
-
-
 @pytest.mark.parametrize("arch", ["phi3", "mixtral"])
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
 def test_sliding_window_matches_stock_flash_semantics(arch: str, implementation: str) -> None:
@@ -68,10 +57,10 @@ def test_sliding_window_matches_stock_flash_semantics(arch: str, implementation:
     ids = random_prompt(30)
     expected = _stock_windowed_run(stock, ids, window, 6)
     with kvfactory.patch(model, "fullkv"):
-        actual = _patched_run(model, ids, 6)
+        actual = decode_loop(model, ids, 6)[0]
     for step, (reference, patched) in enumerate(zip(expected, actual)):
         assert (reference - patched).abs().max().item() <= 1e-5, f"step {step}"
-    unwindowed = _patched_run(models.random_model(f"tiny-{arch}", attn_implementation="eager"), ids, 0)
+    unwindowed, _ = decode_loop(models.random_model(f"tiny-{arch}", attn_implementation="eager"), ids, 0)
     assert (unwindowed[0] - expected[0]).abs().max().item() > 1e-3
 
 
@@ -83,9 +72,9 @@ def test_phi3_longrope_parity_across_the_original_context(implementation: str) -
     stock = models.random_model("tiny-phi3-longrope", attn_implementation="eager")
     for length, steps in ((24, 14), (48, 3)):
         ids = random_prompt(length)
-        expected = _patched_run(stock, ids, steps)
+        expected = decode_loop(stock, ids, steps)[0]
         with kvfactory.patch(model, "fullkv"):
-            actual = _patched_run(model, ids, steps)
+            actual = decode_loop(model, ids, steps)[0]
         for step, (reference, patched) in enumerate(zip(expected, actual)):
             assert (reference - patched).abs().max().item() <= 1e-5, f"length {length}, step {step}"
 

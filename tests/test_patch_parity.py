@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import kvfactory
-from tests.conftest import greedy, random_prompt, tiny_model
+from tests.conftest import decode_loop, greedy, random_prompt, tiny_model
 
 
 def test_fullkv_logits_equal_unpatched(arch: str, implementation: str) -> None:
@@ -20,25 +20,13 @@ def test_fullkv_logits_equal_unpatched(arch: str, implementation: str) -> None:
     assert torch.equal(restored, reference)
 
 
-def _decode_loop(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> tuple[list[torch.Tensor], object]:
-    """Prefill, then feed the argmax token one at a time; returns every step's last logits and the final cache."""
-    with torch.no_grad():
-        output = model(ids, use_cache=True)
-        logits = [output.logits[:, -1]]
-        for _ in range(steps):
-            token = logits[-1].argmax(-1, keepdim=True)
-            output = model(token, past_key_values=output.past_key_values, use_cache=True)
-            logits.append(output.logits[:, -1])
-    return logits, output.past_key_values
-
-
 def test_fullkv_decoding_logits_equal_unpatched(arch: str, implementation: str) -> None:
     """A hand-written decode loop matches the stock cache step by step, and the logical length is right."""
     model = tiny_model(arch, implementation)
     ids = random_prompt(30)
-    reference, _ = _decode_loop(model, ids, 6)
+    reference, _ = decode_loop(model, ids, 6)
     with kvfactory.patch(model, "fullkv"):
-        patched, cache = _decode_loop(model, ids, 6)
+        patched, cache = decode_loop(model, ids, 6)
     for expected, actual in zip(reference, patched):
         assert (expected - actual).abs().max().item() <= 1e-5
     assert cache.get_seq_length() == 36

@@ -24,6 +24,14 @@ logger = logging.getLogger(__name__)
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
+def configure_logging() -> None:
+    """The runners' console logging: INFO from kvfactory, transformers' chatter silenced, one line per patch kept
+    quiet."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    logging.getLogger("kvfactory.patching").setLevel(logging.WARNING)
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model_path", default="smollm2-135m",
