@@ -50,15 +50,19 @@ step_needle4k() { needles 4096; }
 step_needle2k() { needles 2048; }
 step_needle8k() { needles 8192; }
 step_sweep() { for capacity in 64 128 512 1024; do needle snapkv "$capacity" 4096; done; }
+# A step's method:budget list can be narrowed (or reordered) with RULER_SPECS / LONGBENCH_SPECS, e.g.
+#   RULER_SPECS="fullkv:512 snapkv:512" bash scripts/campaign/qwen.sh ruler
+RULER_SPECS="${RULER_SPECS:-fullkv:512 snapkv:512 streamingllm:512 adakv:512 pyramidkv:512}"
+LONGBENCH_SPECS="${LONGBENCH_SPECS:-fullkv:128 snapkv:128 pyramidkv:128 streamingllm:128 adakv:128 snapkv:1024 \
+pyramidkv:1024 streamingllm:1024}"
 step_ruler() {
-    for spec in fullkv:512 snapkv:512 streamingllm:512 adakv:512 pyramidkv:512; do
+    for spec in $RULER_SPECS; do
         run run_ruler.py "${COMMON[@]}" --method "${spec%%:*}" --max_capacity_prompts "${spec##*:}" \
             --context_lengths 4096 --num_samples 5 --save_dir "$OUT/ruler"
     done
 }
 step_longbench() {
-    for spec in fullkv:128 snapkv:128 pyramidkv:128 streamingllm:128 adakv:128 snapkv:1024 pyramidkv:1024 \
-                streamingllm:1024; do
+    for spec in $LONGBENCH_SPECS; do
         run run_longbench.py "${COMMON[@]}" --method "${spec%%:*}" --max_capacity_prompts "${spec##*:}" \
             --datasets multifieldqa_zh,multi_news --max_num_examples 20 --max_length 4096 --save_dir "$OUT/longbench"
     done
