@@ -8,6 +8,7 @@ process can run different methods; ``handle.remove()`` (or leaving the ``with`` 
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 from contextlib import contextmanager

@@ -4,24 +4,17 @@ nothing. Through ``benchmarks/data_parallel.py`` on a tiny random Llama with a c
 only here, to stay short; ``--kill longbench,ruler,needle`` covers all three)."""
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from kvfactory.benchmarks import distributed
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import benchmark_reports
 
 
 def test_two_processes_write_the_single_process_folder_and_a_killed_rank_resumes(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "benchmarks.data_parallel", "--samples", "6", "--kill", "longbench",
-                           "--workdir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=900)
-    reports = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
-    assert [r["runner"] for r in reports] == ["longbench", "ruler", "needle"]
+    reports = benchmark_reports("data_parallel", "--samples", "6", "--kill", "longbench", "--workdir", str(tmp_path),
+                                timeout=900)
     for report in reports:
         assert report["records"] >= 6
         assert (report["lost"], report["duplicated"], report["changed"]) == (0, 0, 0), report

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import traceback
 from collections import Counter
 from pathlib import Path
 from typing import Iterator
