@@ -5,7 +5,8 @@ results exist so far (the campaign is resumable; missing runs show as "-").
 [--figures docs/figures] [--write docs/results.md]``
 
 Prints markdown; with ``--write`` it replaces the part of that file between ``<!-- campaign:begin -->`` and
-``<!-- campaign:end -->``. Every comparison of two methods is paired on the same samples, with a 95% percentile
+``<!-- campaign:end -->``, and saves LongBench's per-sample scores beside its predictions (``*.scores.json``: the
+predictions hold the datasets' gold answers, third-party text that is not committed; the scores are). Every comparison of two methods is paired on the same samples, with a 95% percentile
 bootstrap interval of the mean difference (:mod:`kvfactory.metrics.bootstrap`); a difference is called only when the
 interval excludes zero.
 """
@@ -81,16 +82,25 @@ def read_ruler(root: Path, scores: Scores) -> None:
             scores[("ruler", _budget(folder), method)] = cells
 
 
-def read_longbench(root: Path, scores: Scores) -> None:
+def read_longbench(root: Path, scores: Scores, save_scores: bool = False) -> None:
+    """Per-sample official scores. The predictions files hold LongBench's gold answers (third-party text) and are
+    not committed; ``<dataset>/<method>.scores.json`` beside each (ids and scores only, written with
+    ``save_scores``) stands in for them in a clone without the predictions."""
     from kvfactory.metrics.longbench import _sample_score, read_predictions
 
     for folder in sorted((root / "longbench").glob("*_*")):
         per_method: dict[str, dict[tuple, float]] = defaultdict(dict)
+        for path in sorted(folder.glob("*/*.scores.json")):
+            dataset, method = path.parent.name, path.name[: -len(".scores.json")]
+            per_method[method].update({(dataset, key): value for key, value in json.loads(path.read_text()).items()})
         for path in sorted(folder.glob("*/*.jsonl")):
             dataset = path.parent.name
-            for record in read_predictions(path):
-                per_method[path.stem][(dataset, record["_id"])] = _sample_score(
-                    dataset, record["pred"], record["answers"], record.get("all_classes"))
+            sample_scores = {record["_id"]: _sample_score(dataset, record["pred"], record["answers"],
+                                                          record.get("all_classes"))
+                             for record in read_predictions(path)}
+            per_method[path.stem].update({(dataset, key): value for key, value in sample_scores.items()})
+            if save_scores:
+                path.with_suffix(".scores.json").write_text(json.dumps(sample_scores, indent=0, sort_keys=True) + "\n")
         for method, cells in per_method.items():
             scores[("longbench", _budget(folder), method)] = cells
 
@@ -188,12 +198,12 @@ def needle_figures(folders: dict[tuple[str, str], Path], figures: Path) -> list[
     return written
 
 
-def report(root: Path, figures: Path | None) -> str:
+def report(root: Path, figures: Path | None, save_scores: bool = False) -> str:
     scores: Scores = {}
     read_passkey(root, scores)
     folders = read_needle(root, scores)
     read_ruler(root, scores)
-    read_longbench(root, scores)
+    read_longbench(root, scores, save_scores)
     parts = [
         grouped_table(scores, "passkey", lambda key: key[:2],
                       "**Passkey** (found / prompts per length and depth; fullkv sits in the C=256 folder):", _found,
@@ -219,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.campaign_dir.is_dir():
         parser.error(f"no campaign results at {args.campaign_dir} (run scripts/campaign/qwen.sh first)")
-    text = report(args.campaign_dir, args.figures)
+    text = report(args.campaign_dir, args.figures, save_scores=args.write is not None)
     if args.write is None:
         print(text)
         return 0

@@ -4,8 +4,8 @@
 On the tiny random Llama with a character tokenizer of ``benchmarks/kill_resume.py`` (no download), for each runner:
 
 1. a 1-process run (``python run_X.py ...``, one thread);
-2. a 2-process run (``python -m torch.distributed.run --standalone --nproc_per_node 2 run_X.py ...``, one thread per
-   process) into a fresh folder: it must hold the same records (ids and predictions), each once;
+2. a 2-process run (``python -m torch.distributed.run --standalone --nproc_per_node 2 run_X.py ...``, or with
+   ``--launcher accelerate`` ``accelerate launch --multi_gpu --num_processes 2 run_X.py ...``, one thread per process) into a fresh folder: it must hold the same records (ids and predictions), each once;
 3. (``--kill RUNNERS``) a 2-process run where one rank is ``kill -9``-ed once it has written records (torchrun then stops the
    other), then a resume with 1 process: again the same records, none lost, none duplicated.
 
@@ -18,6 +18,7 @@ expected on 2 free cores with 1 thread per process, more on a loaded machine: ti
     OMP_WAIT_POLICY=PASSIVE flock /tmp/kvf_cpu.lock python -m benchmarks.data_parallel --samples 40 \\
         --runners longbench,needle --hidden_size 512 --layers 8
     python -m benchmarks.data_parallel --samples 6 --kill longbench   # the check tests/test_data_parallel.py runs
+    python -m benchmarks.data_parallel --samples 4 --runners needle --launcher accelerate   # and this one
 
 Exit status 0 when every folder equals the 1-process one.
 """
@@ -27,6 +28,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -58,7 +60,29 @@ def prepare(workspace: Path, samples: int, hidden_size: int = 64, layers: int = 
     return workspace
 
 
-def command(runner: str, workspace: Path, save_dir: Path, processes: int, samples: int) -> list[str]:
+LAUNCHERS = ("torchrun", "accelerate")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launcher_command(launcher: str, processes: int) -> list[str]:
+    """The command that starts ``processes`` workers: ``torchrun --standalone``, or ``accelerate launch --multi_gpu``
+    (which, on a machine without GPUs, starts them on CPU with gloo; without ``--multi_gpu`` it would start one)."""
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    if launcher == "accelerate":
+        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(_free_port())]
+    raise ValueError(f"unknown launcher {launcher!r}; accepted: {', '.join(LAUNCHERS)}")
+
+
+def command(runner: str, workspace: Path, save_dir: Path, processes: int, samples: int,
+            launcher: str = "torchrun") -> list[str]:
     argv = runner_argv(runner, workspace, save_dir)
     if runner == "needle":  # a grid of about `samples` cells
         depths = max(2, samples // 2)
@@ -66,7 +90,7 @@ def command(runner: str, workspace: Path, save_dir: Path, processes: int, sample
     script = [str(REPO / SCRIPTS[runner]), *argv]
     if processes == 1:
         return [sys.executable, *script]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), *script]
+    return [*launcher_command(launcher, processes), *script]
 
 
 def environment() -> dict[str, str]:
@@ -131,14 +155,15 @@ def compare(reference: list[tuple[Any, str]], found: list[tuple[Any, str]]) -> d
             "changed": sum(1 for key, pred in got.items() if key in truth and truth[key] != pred)}
 
 
-def check(runner: str, workspace: Path, samples: int, kill: bool) -> dict[str, Any]:
+def check(runner: str, workspace: Path, samples: int, kill: bool, launcher: str = "torchrun") -> dict[str, Any]:
     out = workspace / "runs" / runner
     out.mkdir(parents=True, exist_ok=True)
     log = out / "log.txt"
     seconds_1, answering_1 = run(command(runner, workspace, out / "one", 1, samples), log, runner, out / "one")
     reference = read_results(runner, out / "one")
-    seconds_2, answering_2 = run(command(runner, workspace, out / "two", 2, samples), log, runner, out / "two")
-    report: dict[str, Any] = {"runner": runner, "records": len(reference),
+    seconds_2, answering_2 = run(command(runner, workspace, out / "two", 2, samples, launcher), log, runner,
+                                 out / "two")
+    report: dict[str, Any] = {"runner": runner, "launcher": launcher, "records": len(reference),
                               "reference_duplicated": len(reference) - len(dict(reference)),
                               **compare(reference, read_results(runner, out / "two")),
                               "seconds_1": round(seconds_1, 2), "seconds_2": round(seconds_2, 2),
@@ -147,8 +172,8 @@ def check(runner: str, workspace: Path, samples: int, kill: bool) -> dict[str, A
                               "answering_ratio": round(answering_2 / answering_1, 3) if answering_1 else None}
     if kill:
         killed = out / "killed"
-        report["killed_with_records"] = run_and_kill_one_rank(command(runner, workspace, killed, 2, samples), runner,
-                                                              killed, log)
+        report["killed_with_records"] = run_and_kill_one_rank(command(runner, workspace, killed, 2, samples, launcher),
+                                                              runner, killed, log)
         run(command(runner, workspace, killed, 1, samples), log)
         report["resumed"] = compare(reference, read_results(runner, killed))
     return report
@@ -166,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=24, help="samples per runner (needle: about as many cells)")
     parser.add_argument("--kill", default="", help="comma list of runners whose 2-process run also gets one rank "
                         "killed, then a 1-process resume (e.g. longbench,ruler,needle)")
+    parser.add_argument("--launcher", choices=LAUNCHERS, default="torchrun",
+                        help="what starts the 2-process runs: torchrun, or accelerate launch --multi_gpu")
     parser.add_argument("--hidden_size", type=int, default=64, help="of the random Llama (64: the tests' tiny one)")
     parser.add_argument("--layers", type=int, default=2, help="of the random Llama")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a new temporary one)")
@@ -179,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     killed = set(name.strip() for name in args.kill.split(",") if name.strip())
     if killed - set(runners):
         parser.error(f"--kill names runners not in --runners: {', '.join(sorted(killed - set(runners)))}")
-    reports = [check(runner, workspace, args.samples, runner in killed) for runner in runners]
+    reports = [check(runner, workspace, args.samples, runner in killed, args.launcher) for runner in runners]
     for report in reports:
         print(json.dumps(report | {"ok": ok(report)}))
     load = os.getloadavg()[0]

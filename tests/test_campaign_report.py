@@ -57,3 +57,20 @@ def test_write_replaces_only_the_marked_part(tmp_path: Path) -> None:
     text = document.read_text()
     assert text.startswith("# Results\nintro\n") and text.endswith("analysis\n") and "stale table" not in text
     assert "**Passkey**" in text
+
+
+def test_longbench_scores_stand_in_for_predictions_that_are_not_committed(tmp_path: Path) -> None:
+    _campaign(tmp_path / "c")
+    document = tmp_path / "results.md"
+    document.write_text(f"{campaign_report.BEGIN}\n{campaign_report.END}\n")
+    campaign_report.main(["--campaign_dir", str(tmp_path / "c"), "--write", str(document)])
+    with_predictions = document.read_text()
+    predictions = sorted((tmp_path / "c" / "longbench").glob("*/*/*.jsonl"))
+    assert [p.name for p in predictions] == ["pyramidkv.jsonl", "snapkv.jsonl"]
+    saved = json.loads(predictions[0].with_suffix(".scores.json").read_text())
+    assert sorted(saved) == [str(i) for i in range(6)] and all(abs(v - 1.0) < 1e-6 for v in saved.values())
+    for path in predictions:  # a clean clone: the gold answers are not there, the scores are
+        path.unlink()
+    campaign_report.main(["--campaign_dir", str(tmp_path / "c"), "--write", str(document)])
+    assert document.read_text() == with_predictions
+    assert "longbench C=128: pyramidkv > snapkv, difference ×100 +100.0 [+100.0, +100.0] (n=6)" in with_predictions

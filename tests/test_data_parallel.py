@@ -22,6 +22,34 @@ def test_two_processes_write_the_single_process_folder_and_a_killed_rank_resumes
     assert 0 < reports[0]["killed_with_records"] < reports[0]["records"]  # killed mid-run, not after
 
 
+def test_accelerate_launch_multi_gpu_on_cpu_writes_the_single_process_folder(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "benchmarks.data_parallel", "--samples", "4", "--runners", "needle",
+                           "--launcher", "accelerate", "--workdir", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    [report] = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert (report["launcher"], report["records"], report["lost"], report["duplicated"], report["changed"]) == (
+        "accelerate", 4, 0, 0, 0)
+    meta = json.loads(next((tmp_path / "runs" / "needle" / "two").glob("*/run_meta.json")).read_text())
+    assert meta["world_size"] == 2  # two workers really ran, not accelerate's one-process fallback
+
+
+def test_accelerate_single_process_fallback_is_reported(monkeypatch: pytest.MonkeyPatch,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # what `accelerate launch --num_processes 2` sets without GPUs
+    with caplog.at_level("WARNING", logger="kvfactory.benchmarks.distributed"):
+        assert distributed.setup().world_size == 1
+    assert "accelerate launch --multi_gpu --num_processes N" in caplog.text
+    monkeypatch.delenv("MASTER_ADDR")  # `accelerate launch` of one process: nothing to say
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="kvfactory.benchmarks.distributed"):
+        distributed.setup()
+    assert caplog.text == ""
+
+
 def test_without_a_launcher_a_process_is_rank_0_of_1_and_keeps_every_job(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)

@@ -12,6 +12,10 @@ processes) recomputes the pending list, so the jobs of a killed rank are picked 
 take concurrent writers (one locked append per record, :class:`~kvfactory.benchmarks.common.ResultsFile`), so the folder
 is the one a single process would write: the same records, each once.
 
+``accelerate launch --num_processes N`` starts N workers only when it uses its multi-GPU launcher: on a machine without
+GPUs give it ``--multi_gpu`` (its workers then join a gloo group on CPU, like ``torchrun``'s); without that flag it
+starts one process, which :func:`setup` reports with a warning (the run is correct, only not split).
+
 Threads: ``OMP_NUM_THREADS`` when set (``torchrun`` sets 1 for several processes per node), otherwise the CPU count
 divided by the processes on this node, at least 1.
 """
@@ -101,6 +105,10 @@ def setup() -> Rank:
     """
     rank = context()
     if not rank.parallel:
+        if single_process_accelerate_launch():
+            logger.warning("accelerate launch started this run as one process (its simple launcher: no GPUs and no "
+                           "--multi_gpu). For N processes on CPU use `accelerate launch --multi_gpu --num_processes N` "
+                           "or `torchrun --nproc_per_node N`; this run does all the work alone")
         return rank
     import torch.distributed as dist
 
@@ -118,6 +126,13 @@ def setup() -> Rank:
         logger.info("rank %d of %d (local %d of %d): %s backend, %d torch threads", rank.rank, rank.world_size,
                     rank.local_rank, rank.local_world_size, backend, threads)
     return rank
+
+
+def single_process_accelerate_launch() -> bool:
+    """Whether ``accelerate launch --num_processes N`` (N > 1) fell back to one process: its simple launcher sets
+    ``ACCELERATE_MIXED_PRECISION`` and, for N > 1, ``MASTER_ADDR``, but no ``WORLD_SIZE``."""
+    return ("ACCELERATE_MIXED_PRECISION" in os.environ and bool(os.environ.get("MASTER_ADDR"))
+            and not os.environ.get("WORLD_SIZE"))
 
 
 def worker_device() -> str | None:
