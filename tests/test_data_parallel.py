@@ -4,6 +4,7 @@ nothing. Through ``benchmarks/data_parallel.py`` on a tiny random Llama with a c
 only here, to stay short; ``--kill longbench,ruler,needle`` covers all three)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -23,11 +24,8 @@ def test_two_processes_write_the_single_process_folder_and_a_killed_rank_resumes
 
 
 def test_accelerate_launch_multi_gpu_on_cpu_writes_the_single_process_folder(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "benchmarks.data_parallel", "--samples", "4", "--runners", "needle",
-                           "--launcher", "accelerate", "--workdir", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
-    [report] = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    [report] = benchmark_reports("data_parallel", "--samples", "4", "--runners", "needle", "--launcher", "accelerate",
+                                 "--workdir", str(tmp_path), timeout=900, runners=("needle",))
     assert (report["launcher"], report["records"], report["lost"], report["duplicated"], report["changed"]) == (
         "accelerate", 4, 0, 0, 0)
     meta = json.loads(next((tmp_path / "runs" / "needle" / "two").glob("*/run_meta.json")).read_text())
