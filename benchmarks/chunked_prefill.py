@@ -14,7 +14,7 @@ flight (what the attention and the compression work on). Two peaks are printed:
 Activations outside attention (hidden states, MLP) are not counted. The answer of each prompt is greedy,
 ``--new_tokens`` tokens, and counts when the passkey appears in it.
 
-``python benchmarks/chunked_prefill.py [--length 8192] [--budget 256] [--chunk 512] [--seeds 1] [--json out.json]``
+``python -m benchmarks.chunked_prefill [--length 8192] [--budget 256] [--chunk 512] [--seeds 1] [--json out.json]``
 """
 from __future__ import annotations
 
@@ -27,10 +27,8 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import kvfactory  # noqa: E402
-from kvfactory.benchmarks.passkey import make_passkey_sample, passkey_found  # noqa: E402
+import kvfactory
+from kvfactory.benchmarks.passkey import make_passkey_sample, passkey_found
 
 
 class PeakTracker:

@@ -21,8 +21,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import kvfactory  # noqa: E402
 from kvfactory.benchmarks.passkey import make_passkey_sample  # noqa: E402
 from kvfactory.benchmarks.speed import SpeedResult, measure  # noqa: E402

@@ -37,13 +37,11 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import kvfactory  # noqa: E402
-from kvfactory import models  # noqa: E402
-from kvfactory.attention import flash_attn_available  # noqa: E402
-from kvfactory.benchmarks import speed  # noqa: E402
-from kvfactory.benchmarks.memory import peak_memory  # noqa: E402
+import kvfactory
+from kvfactory import models
+from kvfactory.attention import flash_attn_available
+from kvfactory.benchmarks import speed
+from kvfactory.benchmarks.memory import peak_memory
 
 logger = logging.getLogger("gpu_check")
 

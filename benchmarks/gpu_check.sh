@@ -6,4 +6,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
-exec python benchmarks/gpu_check.py "$@"
+exec python -m benchmarks.gpu_check "$@"

@@ -20,8 +20,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import kvfactory  # noqa: E402
 from kvfactory.benchmarks.passkey import make_passkey_sample, passkey_found  # noqa: E402
 from kvfactory.benchmarks.speed import measure  # noqa: E402

@@ -8,7 +8,7 @@ For every method (each at the same budget C) it prints, averaged over layers and
 - ``first10%``: the share of the kept tokens that lie in the first 10% of the prompt;
 - ``answer``: the greedy answer, and whether its first number is the key.
 
-``python benchmarks/kept_tokens.py --model_path qwen2.5-coder-0.5b --length 4096 --depths 0,50,100 \\
+``python -m benchmarks.kept_tokens --model_path qwen2.5-coder-0.5b --length 4096 --depths 0,50,100 \\
     --methods snapkv,h2o,streamingllm --budget 256 [--window_size 8]``
 
 Not a timing: it runs on whatever else the machine is doing.
@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import kvfactory  # noqa: E402
-from kvfactory.benchmarks.needle_haystack import load_haystack_text  # noqa: E402
-from kvfactory.benchmarks.passkey import QUESTION, make_passkey_sample, passkey_found  # noqa: E402
-from kvfactory.generation import greedy_generate  # noqa: E402
+import kvfactory
+from kvfactory.benchmarks.needle_haystack import load_haystack_text
+from kvfactory.benchmarks.passkey import QUESTION, make_passkey_sample, passkey_found
+from kvfactory.generation import greedy_generate
 
 
 def token_spans(tokenizer, ids: list[int], text: str) -> list[int]:

@@ -34,8 +34,6 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import kvfactory  # noqa: E402
 from kvfactory.benchmarks.ppl import load_documents, split_windows, suffix_ppl, token_stream  # noqa: E402
 from kvfactory.benchmarks.speed import MethodSpec, compare  # noqa: E402

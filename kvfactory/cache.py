@@ -15,6 +15,7 @@ capacities and decode-time budget) and the store contract of :mod:`kvfactory.sto
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Iterator
 
@@ -165,6 +166,15 @@ class CompressedCache(Cache):
         total = sum(store.nbytes() for store in self.stores if store is not None)
         return total + sum(w.untyped_storage().nbytes() for w in self.query_windows if w is not None)
 
+    def step_spec(self) -> AttentionSpec:
+        """The attention spec of the step in flight: without the sliding window while every position (bounded on
+        the host by the tokens seen, this step's included) is below it, so no layer reads positions back to decide
+        whether the window masks anything."""
+        window = self.spec.sliding_window
+        if window is not None and self._seen_tokens + self._step_tokens <= window:
+            return dataclasses.replace(self.spec, sliding_window=None)
+        return self.spec
+
     # -- the patched attention's entry point -------------------------------------------------------------------
     def forward_layer(
         self,
@@ -180,7 +190,7 @@ class CompressedCache(Cache):
         if store is None:
             self.num_query_heads = queries.shape[1]
             output, extra = attend(
-                queries, keys, values, self.spec, key_valid=valid, query_valid=valid,
+                queries, keys, values, self.step_spec(), key_valid=valid, query_valid=valid,
                 query_positions=positions, key_positions=positions[:, None, :].expand(-1, keys.shape[1], -1),
                 need_lse=self.method.uses_prefill_attention, need_column_sums=self.method.uses_prefill_attention,
             )
@@ -194,7 +204,7 @@ class CompressedCache(Cache):
             return output
         store.append(keys, values, positions, valid)
         needs_weights = self.method.needs_decode_attention
-        output, weights = store.attend(queries, self.spec, query_valid=valid, query_positions=positions,
+        output, weights = store.attend(queries, self.step_spec(), query_valid=valid, query_positions=positions,
                                        need_weights=needs_weights)
         if needs_weights:
             assert weights is not None

@@ -8,6 +8,7 @@ process can run different methods; ``handle.remove()`` (or leaving the ``with`` 
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 from contextlib import contextmanager
@@ -53,6 +54,7 @@ def _check_flash_ready(model: nn.Module) -> None:
 class _Step:
     cache: CompressedCache | None
     valid: torch.Tensor | None
+    new_tokens: int = 0
 
 
 def _replace_forward(module: nn.Module, make_forward: Callable[[Callable[..., Any]], Callable[..., Any]]
@@ -99,6 +101,15 @@ class PatchHandle:
     def active_cache(self) -> CompressedCache | None:
         return None if self._step is None else self._step.cache
 
+    def position_limit(self) -> int | None:
+        """A host-side bound (exclusive) on every position of the forward in flight: the tokens the cache has seen
+        plus this forward's (positions made by transformers, or from an attention mask, never exceed it). Read
+        instead of the positions' maximum, so that RoPE tables need no device sync per layer."""
+        if self._step is None:
+            return None
+        seen = self._step.cache.get_seq_length() if self._step.cache is not None else 0
+        return seen + self._step.new_tokens
+
     def attend_layer(self, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                      position_ids: torch.Tensor | None) -> torch.Tensor:
         """Attention of one layer's new tokens (post-RoPE, KV heads), through the cache when there is one."""
@@ -111,7 +122,10 @@ class PatchHandle:
         if cache is not None:
             return cache.forward_layer(layer_idx, queries, keys, values, positions)
         valid = None if self._step is None or self._step.valid is None else self._step.valid.to(keys.device)
-        output, _ = attend(queries, keys, values, self.spec, key_valid=valid, query_valid=valid,
+        spec = self.spec
+        if spec.sliding_window is not None and n <= spec.sliding_window:  # no cache: positions below n
+            spec = dataclasses.replace(spec, sliding_window=None)
+        output, _ = attend(queries, keys, values, spec, key_valid=valid, query_valid=valid,
                            query_positions=positions, key_positions=positions[:, None].expand(-1, keys.shape[1], -1))
         return output
 
@@ -139,7 +153,7 @@ class PatchHandle:
     def rotate(self, layer_idx: int, states: torch.Tensor, positions: torch.Tensor, inverse: bool = False
                ) -> torch.Tensor:
         """Apply (or undo) layer ``layer_idx``'s RoPE at ``positions`` (for storage that keeps pre-RoPE keys)."""
-        return self.adapter.rotate(self.attention_modules[layer_idx], states, positions, inverse)
+        return self.adapter.rotate(self.attention_modules[layer_idx], states, positions, inverse, self.position_limit())
 
     def _resolve_cache(self, past: Any) -> CompressedCache:
         if isinstance(past, CompressedCache):
@@ -158,7 +172,7 @@ class PatchHandle:
     def _running(self, cache: CompressedCache | None, valid: torch.Tensor | None, batch_size: int,
                  new_tokens: int) -> Iterator[None]:
         outer = self._step
-        self._step = _Step(cache, valid)
+        self._step = _Step(cache, valid, new_tokens)
         if cache is not None:
             cache.begin_step(batch_size, new_tokens, valid)
         committed = False

@@ -169,3 +169,18 @@ def cuda_forbidden(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     monkeypatch.setattr(torch.Tensor, "cuda", forbid("Tensor.cuda", torch.Tensor.cuda))
     monkeypatch.setattr(torch.nn.Module, "cuda", forbid("Module.cuda", torch.nn.Module.cuda))
     yield calls
+
+
+def benchmark_reports(script: str, *args: str, timeout: int,
+                      runners: tuple[str, ...] = ("longbench", "ruler", "needle")) -> list[dict]:
+    """Run ``python -m benchmarks.<script> ARGS`` from the repository root (kill_resume, data_parallel): it must exit
+    0 and print one JSON report per runner, in the order of ``runners``, which are returned."""
+    import json
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", f"benchmarks.{script}", *args], cwd=REPOSITORY, capture_output=True,
+                          text=True, timeout=timeout)
+    reports = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert [report["runner"] for report in reports] == list(runners), reports
+    return reports

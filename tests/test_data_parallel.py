@@ -5,23 +5,17 @@ only here, to stay short; ``--kill longbench,ruler,needle`` covers all three).""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from kvfactory.benchmarks import distributed
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import benchmark_reports
 
 
 def test_two_processes_write_the_single_process_folder_and_a_killed_rank_resumes(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "benchmarks.data_parallel", "--samples", "6", "--kill", "longbench",
-                           "--workdir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=900)
-    reports = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
-    assert [r["runner"] for r in reports] == ["longbench", "ruler", "needle"]
+    reports = benchmark_reports("data_parallel", "--samples", "6", "--kill", "longbench", "--workdir", str(tmp_path),
+                                timeout=900)
     for report in reports:
         assert report["records"] >= 6
         assert (report["lost"], report["duplicated"], report["changed"]) == (0, 0, 0), report
@@ -30,11 +24,8 @@ def test_two_processes_write_the_single_process_folder_and_a_killed_rank_resumes
 
 
 def test_accelerate_launch_multi_gpu_on_cpu_writes_the_single_process_folder(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "benchmarks.data_parallel", "--samples", "4", "--runners", "needle",
-                           "--launcher", "accelerate", "--workdir", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
-    [report] = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    [report] = benchmark_reports("data_parallel", "--samples", "4", "--runners", "needle", "--launcher", "accelerate",
+                                 "--workdir", str(tmp_path), timeout=900, runners=("needle",))
     assert (report["launcher"], report["records"], report["lost"], report["duplicated"], report["changed"]) == (
         "accelerate", 4, 0, 0, 0)
     meta = json.loads(next((tmp_path / "runs" / "needle" / "two").glob("*/run_meta.json")).read_text())

@@ -14,9 +14,8 @@ from tests.conftest import REPOSITORY
 
 @pytest.fixture
 def gpu_check(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.syspath_prepend(str(REPOSITORY / "benchmarks"))
     monkeypatch.setenv("KVFACTORY_NO_CPP_KERNELS", "1")  # the kernels' first compile would dominate the test
-    import gpu_check
+    from benchmarks import gpu_check
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: threads only spin, and slow everything when the machine is shared

@@ -5,20 +5,13 @@ tokenizer. Here one kill per runner keeps CI short; ``python -m benchmarks.kill_
 """
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import benchmark_reports
 
 
 def test_kill_9_then_resume_and_two_concurrent_runs_lose_and_duplicate_nothing(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "benchmarks.kill_resume", "--kills", "1", "--seed", "3",
-                           "--workdir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
-    reports = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
-    assert [r["runner"] for r in reports] == ["longbench", "ruler", "needle"]
+    reports = benchmark_reports("kill_resume", "--kills", "1", "--seed", "3", "--workdir", str(tmp_path), timeout=600)
     for report in reports:
         assert report["kills"] == 1 and report["records"] >= 6
         assert (report["lost"], report["duplicated"], report["changed"]) == (0, 0, 0), report

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import string
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from kvfactory.benchmarks.longbench import (
     DATASETS, LONGBENCH_E, NO_CHAT_DATASETS, LongBenchConfig, PromptBuilder, load_config, load_records, make_jobs,
     middle_truncate, resolve_max_length, select_datasets, split_template,
 )
+from benchmarks.kill_resume import tiny_checkpoint
 from kvfactory.paths import REPO_ROOT, shared_data_dir
 
 CHAT_TEMPLATE = "{% for m in messages %}<u>{{ m['content'] }}</e>{% endfor %}{% if add_generation_prompt %}<a>{% endif %}"
@@ -123,30 +123,6 @@ SYNTHETIC_PROMPTS = {
 }
 
 
-def _tiny_checkpoint(folder: Path) -> Path:
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    from kvfactory.models import random_model
-
-    specials = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>"]
-    vocab = {token: i for i, token in enumerate(specials + sorted(set(string.printable) - set("\x0b\x0c")))}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    core.decoder = decoders.Fuse()
-    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                        pad_token="</s>", additional_special_tokens=specials[3:],
-                                        clean_up_tokenization_spaces=False)
-    tokenizer.chat_template = ("{% for m in messages %}<|user|>{{ m['content'] }}</s>{% endfor %}"
-                               "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-    model = random_model("tiny-llama", seed=0)
-    model.generation_config.eos_token_id = 2
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def _synthetic_data(folder: Path) -> Path:
     (folder / "config").mkdir(parents=True)
     (folder / "config" / "dataset2prompt.json").write_text(json.dumps(SYNTHETIC_PROMPTS))
@@ -164,7 +140,7 @@ def _synthetic_data(folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("longbench")
-    return {"model": _tiny_checkpoint(root / "tiny-llama-lb"), "data": _synthetic_data(root / "data"),
+    return {"model": tiny_checkpoint(root / "tiny-llama-lb"), "data": _synthetic_data(root / "data"),
             "out": root / "out"}
 
 

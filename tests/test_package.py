@@ -5,6 +5,7 @@ The venv sees this machine's packages (``--system-site-packages``, no pip of its
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,3 +31,28 @@ def test_editable_install_in_a_fresh_venv_gives_the_console_scripts(tmp_path: Pa
                    "kvfactory-passkey"):
         assert (venv / "bin" / script).is_file(), script
     assert not list(REPO.glob("*.egg-info")), "the install left build files in the checkout"
+    # a benchmark script run by its path finds the installed kvfactory (no sys.path edit in the script)
+    shown = subprocess.run([str(python), str(REPO / "benchmarks" / "kept_tokens.py"), "--help"], capture_output=True,
+                           text=True, cwd=tmp_path)
+    assert shown.returncode == 0 and "--model_path" in shown.stdout, shown.stderr
+
+
+# benchmarks/campaign_report.py is the lead's (edited on main): its sys.path line goes when they next touch it
+SYS_PATH_EDITORS_LEFT = {"campaign_report.py"}
+
+
+def test_benchmarks_are_a_package_that_never_edits_sys_path() -> None:
+    """Issue 19 case 13: every ``benchmarks/*.py`` runs as ``python -m benchmarks.X`` from the checkout (no
+    install) and imports no module by editing ``sys.path``."""
+    scripts = sorted(path for path in (REPO / "benchmarks").glob("*.py") if path.name != "__init__.py")
+    assert (REPO / "benchmarks" / "__init__.py").is_file() and len(scripts) >= 9
+    for path in scripts:
+        if path.name not in SYS_PATH_EDITORS_LEFT:
+            assert "sys.path" not in path.read_text(encoding="utf-8"), path.name
+    shown = subprocess.run([sys.executable, "-m", "benchmarks.kept_tokens", "--help"], capture_output=True, text=True,
+                           cwd=REPO)
+    assert shown.returncode == 0 and "--model_path" in shown.stdout, shown.stderr
+    code = "; ".join(f"import benchmarks.{path.stem}" for path in scripts)
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                              env={**os.environ, "PYTHONPATH": ""})
+    assert imported.returncode == 0, imported.stderr

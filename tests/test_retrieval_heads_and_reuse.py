@@ -43,6 +43,41 @@ def test_retrieval_head_file_drives_headkv(tmp_path) -> None:
     with kvfactory.patch(model, "headkv", max_capacity_prompt=24, head_path=str(path)) as handle, torch.no_grad():
         cache = model(random_prompt(60), use_cache=True).past_key_values
     assert handle.method.head_scores == scores and len(cache) == 2
+    assert _kept_per_head(cache) == _headkv_budgets(scores, capacity=24, window=8)
+    # distinct scores (the tiny model's may all be equal): each KV head's budget follows its query heads' means
+    spread = {f"{layer}-{head}": [float(layer * 4 + head + 1)] for layer in range(2) for head in range(4)}
+    path.write_text(json.dumps(spread))
+    with kvfactory.patch(model, "headkv", max_capacity_prompt=24, head_path=str(path)), torch.no_grad():
+        cache = model(random_prompt(60), use_cache=True).past_key_values
+    kept = _kept_per_head(cache)
+    assert kept == _headkv_budgets(spread, capacity=24, window=8)
+    flat = [count for layer in kept for count in layer]
+    assert flat == sorted(flat) and flat[0] < flat[-1]  # the scores grow with (layer, head): so do the budgets
+
+
+def _kept_per_head(cache) -> list[list[int]]:
+    """Tokens each KV head of each layer kept at the prompt, ``[layer][kv head]`` (batch of one)."""
+    return [[len(set(head.tolist()) - {-1}) for head in cache.kept_positions(layer)[0]] for layer in range(len(cache))]
+
+
+def _headkv_budgets(scores: dict[str, list[float]], capacity: int, window: int, layers: int = 2, query_heads: int = 4,
+                    kv_heads: int = 2, beta: float = 1.01) -> list[list[int]]:
+    """KVCache-Factory's HeadKV caps computed here from the file, independently of kvfactory: per query head
+    ``round(p · (P // beta) · L · Hq + P − P // beta)`` with ``p`` its mean score's share (equal shares when every
+    score is 0) and ``P = C − W``; a KV head keeps the rounded mean of its group's caps plus the window."""
+    means = {key: sum(values) / len(values) for key, values in scores.items()}
+    total = sum(means.values())
+    if total == 0:  # no head ever retrieved: equal shares
+        means, total = {key: 1.0 for key in means}, float(len(means))
+    past = capacity - window
+    pooled = int(past // beta)
+    groups = query_heads // kv_heads
+    budgets = []
+    for layer in range(layers):
+        caps = [round(means[f"{layer}-{head}"] / total * pooled * layers * query_heads + past - pooled)
+                for head in range(query_heads)]
+        budgets.append([round(sum(caps[h * groups:(h + 1) * groups]) / groups) + window for h in range(kv_heads)])
+    return budgets
 
 
 def test_query_agnostic_answers_equal_fresh_compression() -> None:

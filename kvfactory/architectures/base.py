@@ -27,6 +27,10 @@ class AttentionHost(Protocol):
     @property
     def active_cache(self) -> LengthHolder | None: ...
 
+    def position_limit(self) -> int | None:
+        """A host-side bound (exclusive) on the positions of the forward in flight (None outside a forward)."""
+        ...
+
     def attend_layer(self, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                      position_ids: torch.Tensor | None) -> torch.Tensor: ...
 
@@ -52,9 +56,10 @@ class ArchitectureAdapter:
     def make_attention_forward(self, handle: AttentionHost, module: nn.Module, layer_idx: int) -> Callable[..., Any]:
         raise NotImplementedError
 
-    def rotate(self, module: nn.Module, states: torch.Tensor, positions: torch.Tensor, inverse: bool = False
-               ) -> torch.Tensor:
-        """Apply (or undo, ``inverse``) the module's RoPE to ``states (B, H, T, d)`` at ``positions (B, H, T)``."""
+    def rotate(self, module: nn.Module, states: torch.Tensor, positions: torch.Tensor, inverse: bool = False,
+               limit: int | None = None) -> torch.Tensor:
+        """Apply (or undo, ``inverse``) the module's RoPE to ``states (B, H, T, d)`` at ``positions (B, H, T)``
+        (``limit``: a host-side bound on the positions, see :func:`rotary_at`)."""
         raise NotImplementedError
 
     def prepare_base_call(self, arguments: dict[str, Any], handle: AttentionHost, new_tokens: int) -> None:
@@ -95,16 +100,25 @@ def apply_rotary(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inv
     return states * cos + rotate_half(states) * (-sin if inverse else sin)
 
 
-def rotary_at(rotary: nn.Module, like: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_at(rotary: nn.Module, like: torch.Tensor, positions: torch.Tensor, limit: int | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """``cos, sin`` at ``positions`` (any shape; result ``positions.shape + (d,)``) from a rotary module of one of two
     kinds in 4.44.2: table-style ``forward(x, seq_len)`` returning the first ``seq_len`` rows (Qwen2, Mixtral,
-    GPT-NeoX), or position-style ``forward(x, position_ids (B, T))`` (Llama, Mistral, Phi-3)."""
+    GPT-NeoX), or position-style ``forward(x, position_ids (B, T))`` (Llama, Mistral, Phi-3).
+
+    ``limit`` is a host-side bound (exclusive) on ``positions``, the logical length after this step, which the stock
+    models pass as ``seq_len``: a table is asked for ``max(limit, rows it already holds)``, the same rows and the
+    same growth (dynamic NTK included) as stock, without reading ``positions`` on the host (a device sync per
+    layer). Without a limit the positions' maximum is read (one sync)."""
     index = positions.clamp_min(0).long()
     if _takes_position_ids(type(rotary)):
         flat = index.reshape(-1, index.shape[-1])
         cos, sin = rotary(like, flat)
         return cos.view(*index.shape, -1), sin.view(*index.shape, -1)
-    cos, sin = rotary(like, seq_len=int(index.max()) + 1)
+    held = getattr(rotary, "max_seq_len_cached", None)
+    if limit is None or held is None:
+        limit = int(index.max()) + 1
+    cos, sin = rotary(like, seq_len=max(limit, held or 0))
     return cos[index].to(like.dtype), sin[index].to(like.dtype)
 
 

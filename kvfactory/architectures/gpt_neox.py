@@ -30,22 +30,26 @@ class GPTNeoXAdapter(ArchitectureAdapter):
     def num_kv_heads(self, config: Any) -> int:
         return config.num_attention_heads
 
-    def project(self, module: nn.Module, hidden_states: torch.Tensor, position_ids: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project(self, module: nn.Module, hidden_states: torch.Tensor, position_ids: torch.Tensor,
+                limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Post-RoPE ``q, k, v (B, H, n, d)``; ``limit``: see :func:`~kvfactory.architectures.base.rotary_at`."""
         batch, n, _ = hidden_states.shape
         heads, head_dim, rotary = module.num_attention_heads, module.head_size, module.rotary_ndims
         qkv = module.query_key_value(hidden_states).view(batch, n, heads, 3 * head_dim).transpose(1, 2)
         queries, keys, values = qkv.split(head_dim, dim=-1)
-        cos, sin = module.rotary_emb(values, seq_len=int(position_ids.max()) + 1)
+        held = module.rotary_emb.max_seq_len_cached
+        if limit is None:
+            limit = int(position_ids.max()) + 1
+        cos, sin = module.rotary_emb(values, seq_len=max(limit, held))
         rotated_q, rotated_k = apply_rotary_pos_emb(queries[..., :rotary], keys[..., :rotary], cos, sin, position_ids)
         queries = torch.cat([rotated_q, queries[..., rotary:]], dim=-1).to(values.dtype)
         keys = torch.cat([rotated_k, keys[..., rotary:]], dim=-1).to(values.dtype)
         return queries, keys, values
 
-    def rotate(self, module: nn.Module, states: torch.Tensor, positions: torch.Tensor, inverse: bool = False
-               ) -> torch.Tensor:
+    def rotate(self, module: nn.Module, states: torch.Tensor, positions: torch.Tensor, inverse: bool = False,
+               limit: int | None = None) -> torch.Tensor:
         rotary = module.rotary_ndims
-        cos, sin = rotary_at(module.rotary_emb, states, positions)
+        cos, sin = rotary_at(module.rotary_emb, states, positions, limit)
         rotated = apply_rotary(states[..., :rotary], cos, sin, inverse)
         return torch.cat([rotated, states[..., rotary:]], dim=-1)
 
@@ -62,7 +66,7 @@ class GPTNeoXAdapter(ArchitectureAdapter):
             if head_mask is not None:
                 raise ValueError("kvfactory's patched GPT-NeoX attention does not support head_mask")
             warn_attention_weights_unavailable(output_attentions)
-            queries, keys, values = self.project(module, hidden_states, position_ids)
+            queries, keys, values = self.project(module, hidden_states, position_ids, handle.position_limit())
             output = module.dense(merge_heads(handle.attend_layer(layer_idx, queries, keys, values, position_ids)))
             return (output, None, None) if output_attentions else (output, None)
 

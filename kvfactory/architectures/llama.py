@@ -33,20 +33,21 @@ class LlamaAdapter(ArchitectureAdapter):
 
     def project(
         self, module: nn.Module, hidden_states: torch.Tensor, position_ids: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None, limit: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Post-RoPE ``q (B, Hq, n, d)`` and ``k, v (B, Hkv, n, d)``."""
+        """Post-RoPE ``q (B, Hq, n, d)`` and ``k, v (B, Hkv, n, d)``; ``limit``: see
+        :func:`~kvfactory.architectures.base.rotary_at`."""
         queries, keys, values = self.split_projections(module, hidden_states)
         if position_embeddings is not None:
             cos, sin = position_embeddings
         else:
-            cos, sin = rotary_at(module.rotary_emb, values, position_ids)
+            cos, sin = rotary_at(module.rotary_emb, values, position_ids, limit)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         return apply_rotary(queries, cos, sin), apply_rotary(keys, cos, sin), values
 
-    def rotate(self, module: nn.Module, states: torch.Tensor, positions: torch.Tensor, inverse: bool = False
-               ) -> torch.Tensor:
-        cos, sin = rotary_at(module.rotary_emb, states, positions)
+    def rotate(self, module: nn.Module, states: torch.Tensor, positions: torch.Tensor, inverse: bool = False,
+               limit: int | None = None) -> torch.Tensor:
+        cos, sin = rotary_at(module.rotary_emb, states, positions, limit)
         return apply_rotary(states, cos, sin, inverse)
 
     def make_attention_forward(self, handle: AttentionHost, module: nn.Module, layer_idx: int) -> Callable[..., Any]:
@@ -62,7 +63,8 @@ class LlamaAdapter(ArchitectureAdapter):
             **kwargs: Any,
         ) -> tuple[torch.Tensor, None, Any]:
             warn_attention_weights_unavailable(output_attentions)
-            queries, keys, values = self.project(module, hidden_states, position_ids, position_embeddings)
+            queries, keys, values = self.project(module, hidden_states, position_ids, position_embeddings,
+                                                 handle.position_limit())
             output = handle.attend_layer(layer_idx, queries, keys, values, position_ids)
             return module.o_proj(merge_heads(output)), None, past_key_value
 

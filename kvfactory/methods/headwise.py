@@ -33,8 +33,36 @@ def keep_top_per_head(past_scores: torch.Tensor, caps: torch.Tensor, valid: torc
     return keep
 
 
+class HeadwiseSelection:
+    """``select_mask`` of a head-wise method (a mixin): every valid token when the capacity covers the sequence,
+    else each KV head's top ``caps`` past tokens by the ``scores`` that :meth:`scores_and_caps` gives, plus the
+    window. The class it is mixed into gives ``capacity`` (a Compressor's) and overrides ``scores_and_caps``."""
+
+    def scores_and_caps(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *, capacity: int,
+                        layer_idx: int, num_layers: int, key_valid: torch.Tensor | None,
+                        prefill_attention: PrefillAttention | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Past-token scores ``(B, Hkv, n - W)`` (invalid slots -inf) and each head's past cap ``(B, Hkv)``."""
+        raise NotImplementedError
+
+    def select_mask(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *, layer_idx: int = 0,
+                    num_layers: int = 1, capacity: int | None = None, key_valid: torch.Tensor | None = None,
+                    prefill_attention: PrefillAttention | None = None) -> torch.Tensor:
+        """Boolean ``(B, Hkv, n)``: the tokens kept (all of them when the capacity covers the sequence)."""
+        batch, heads, n, _ = keys.shape
+        if capacity is None:
+            capacity = self.capacity(layer_idx, num_layers, n)  # type: ignore[attr-defined]  # the Compressor's
+        valid = key_valid if key_valid is not None else torch.ones(batch, heads, n, dtype=torch.bool,
+                                                                   device=keys.device)
+        if capacity >= n:
+            return valid.clone()
+        scores, caps = self.scores_and_caps(queries, keys, values, capacity=capacity, layer_idx=layer_idx,
+                                            num_layers=num_layers, key_valid=key_valid,
+                                            prefill_attention=prefill_attention)
+        return keep_top_per_head(scores, caps, valid)
+
+
 @dataclass(kw_only=True)
-class HeadwiseCompressor(WindowedCompressor):
+class HeadwiseCompressor(HeadwiseSelection, WindowedCompressor):
     """Base of head-wise methods: SnapKV-style scores averaged over the window (not summed), then per-head caps.
 
     ``select_mask`` returns the kept tokens as a boolean mask ``(B, Hkv, n)``; ``compress`` returns the kept keys and
@@ -62,20 +90,11 @@ class HeadwiseCompressor(WindowedCompressor):
         """Past tokens each head keeps, ``(B, Hkv)`` int64."""
         raise NotImplementedError
 
-    def select_mask(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *, layer_idx: int = 0,
-                    num_layers: int = 1, capacity: int | None = None, key_valid: torch.Tensor | None = None,
-                    prefill_attention: PrefillAttention | None = None) -> torch.Tensor:
-        """Boolean ``(B, Hkv, n)``: the tokens kept (all of them when the capacity covers the sequence)."""
-        batch, heads, n, _ = keys.shape
-        if capacity is None:
-            capacity = self.capacity(layer_idx, num_layers, n)
-        valid = key_valid if key_valid is not None else torch.ones(batch, heads, n, dtype=torch.bool,
-                                                                   device=keys.device)
-        if capacity >= n:
-            return valid.clone()
+    def scores_and_caps(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *, capacity: int,
+                        layer_idx: int, num_layers: int, key_valid: torch.Tensor | None,
+                        prefill_attention: PrefillAttention | None) -> tuple[torch.Tensor, torch.Tensor]:
         scores = self.past_scores(queries, keys, key_valid)
-        caps = self.head_caps(scores, capacity, layer_idx, num_layers, queries.shape[1])
-        return keep_top_per_head(scores, caps, valid)
+        return scores, self.head_caps(scores, capacity, layer_idx, num_layers, queries.shape[1])
 
     def compress(self, query_states: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor,
                  layer_idx: int = 0, num_layers: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,7 +27,7 @@ import torch
 
 from kvfactory.methods.adakv import adakv_winners
 from kvfactory.methods.base import Compressor, Kept, Selection, check_shapes
-from kvfactory.methods.headwise import keep_top_per_head
+from kvfactory.methods.headwise import HeadwiseSelection
 from kvfactory.methods.scoring import PrefillAttention
 from kvfactory.quant.base import KVQuantizer
 from kvfactory.quant.budget import tokens_for_memory
@@ -190,7 +190,7 @@ class PerLayerBudget(MethodWrapper):
         return {**self.inner.describe(), "max_capacity_prompt": budgets}
 
 
-class HeadwiseAllocation(MethodWrapper):
+class HeadwiseAllocation(HeadwiseSelection, MethodWrapper):
     """AdaKV's head-wise budget allocation (Feng et al. 2024, arXiv:2407.11550) over any scorer's token scores.
 
     The scorer (``inner``: SnapKV, PyramidKV, H2O, L2Norm, CAM, random, or any method with ``past_token_scores``)
@@ -255,21 +255,14 @@ class HeadwiseAllocation(MethodWrapper):
         caps.scatter_add_(-1, order, extra.expand_as(order).contiguous())
         return caps + floor
 
-    def select_mask(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *, layer_idx: int = 0,
-                    num_layers: int = 1, capacity: int | None = None, key_valid: torch.Tensor | None = None,
-                    prefill_attention: PrefillAttention | None = None) -> torch.Tensor:
-        batch, heads, n, _ = keys.shape
-        if capacity is None:
-            capacity = self.capacity(layer_idx, num_layers, n)
-        valid = key_valid if key_valid is not None else torch.ones(batch, heads, n, dtype=torch.bool,
-                                                                   device=keys.device)
-        if capacity >= n:
-            return valid.clone()
+    def scores_and_caps(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *, capacity: int,
+                        layer_idx: int, num_layers: int, key_valid: torch.Tensor | None,
+                        prefill_attention: PrefillAttention | None) -> tuple[torch.Tensor, torch.Tensor]:
         scores = self.inner.past_token_scores(queries, keys, values, layer_idx=layer_idx,
                                               prefill_attention=prefill_attention).float()
         if key_valid is not None:
             scores = scores.masked_fill(~key_valid[..., : scores.shape[-1]], float("-inf"))
-        return keep_top_per_head(scores, self.head_caps(scores, capacity), valid)
+        return scores, self.head_caps(scores, capacity)
 
     def compress_tokens(self, *args: Any, **kwargs: Any) -> Kept:
         raise NotImplementedError("head-wise allocation keeps a different count per head: use select_mask")

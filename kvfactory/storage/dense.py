@@ -41,7 +41,34 @@ class StoreRow:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-class DenseStore:
+class SlotReads:
+    """What dense and quantized stores answer alike from their ``keys``/``values (B, Hkv, T, d)``, ``positions``,
+    ``valid (B, T)`` (None: every slot real) and ``length`` (a mixin)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    valid: torch.Tensor | None
+    length: int
+
+    def key_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys, self.values
+
+    def mean_kept(self) -> float:
+        """Mean real tokens per KV head over the batch (padding not counted)."""
+        valid = self.valid
+        return float(self.length if valid is None else valid.sum(1).float().mean())
+
+    def attend(self, queries: torch.Tensor, spec: AttentionSpec, *, query_valid: torch.Tensor | None = None,
+               query_positions: torch.Tensor | None = None, need_weights: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention of the new tokens (the store's last ones) over every slot, masking invalid slots and, for a
+        sliding window, by ``positions`` (a quantized store dequantizes its blocks for it, keeping nothing)."""
+        return attend(queries, self.keys, self.values, spec, key_valid=self.valid, query_valid=query_valid,
+                      query_positions=query_positions, key_positions=self.positions, need_weights=need_weights)
+
+
+class DenseStore(SlotReads):
     """Keys/values of one layer at KV-head granularity."""
 
     def __init__(
@@ -120,19 +147,6 @@ class DenseStore:
         return StoreRow(
             pick(self.keys), pick(self.values), pick(self.positions), {n: pick(self.extra(n)) for n in self._extras}
         )
-
-    def key_values(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.keys, self.values
-
-    def mean_kept(self) -> float:
-        """Mean real tokens per KV head over the batch (padding not counted)."""
-        return mean_kept(self)
-
-    def attend(self, queries: torch.Tensor, spec: AttentionSpec, *, query_valid: torch.Tensor | None = None,
-               query_positions: torch.Tensor | None = None, need_weights: bool = False
-               ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Attention of the new tokens over every slot (see :func:`attend_slots`)."""
-        return attend_slots(self, queries, spec, query_valid, query_positions, need_weights)
 
     kind = "dense"
 
@@ -240,17 +254,3 @@ class DenseStore:
         if self._valid is not None:
             self._valid = grown(self._valid, False)
         self._extras = {name: grown(tensor) for name, tensor in self._extras.items()}
-
-
-def mean_kept(store: Any) -> float:
-    """Mean real tokens per KV head of a store with ``length`` and ``valid (B, T)`` (dense and quantized stores)."""
-    valid = store.valid
-    return float(store.length if valid is None else valid.sum(1).float().mean())
-
-
-def attend_slots(store: Any, queries: torch.Tensor, spec: AttentionSpec, query_valid: torch.Tensor | None,
-                 query_positions: torch.Tensor | None, need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Attention of the new tokens (the store's last ones) over a store's ``keys``/``values``, masking invalid slots
-    and, for a sliding window, by ``positions``."""
-    return attend(queries, store.keys, store.values, spec, key_valid=store.valid, query_valid=query_valid,
-                  query_positions=query_positions, key_positions=store.positions, need_weights=need_weights)

@@ -20,10 +20,9 @@ from typing import Any
 
 import torch
 
-from kvfactory.attention import AttentionSpec
 from kvfactory.quant.base import EncodedTensor, KVQuantizer, LayerRotary
 from kvfactory.storage.base import MaskedPart, Rotary, ragged_from_parts
-from kvfactory.storage.dense import DenseStore, StoreRow, attend_slots, mean_kept
+from kvfactory.storage.dense import DenseStore, SlotReads, StoreRow
 from kvfactory.storage.ragged import RaggedStore
 
 
@@ -63,7 +62,7 @@ class QuantizedBlock:
         )
 
 
-class QuantizedStore:
+class QuantizedStore(SlotReads):
     """Keys/values of one layer: quantized blocks followed by a full-precision residual."""
 
     kind = "quantized"
@@ -132,18 +131,6 @@ class QuantizedStore:
     @property
     def extra_names(self) -> list[str]:
         return self.residual.extra_names
-
-    def key_values(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.keys, self.values
-
-    def mean_kept(self) -> float:
-        return mean_kept(self)
-
-    def attend(self, queries: torch.Tensor, spec: AttentionSpec, *, query_valid: torch.Tensor | None = None,
-               query_positions: torch.Tensor | None = None, need_weights: bool = False
-               ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Attention over the dequantized blocks and the residual (nothing dequantized is kept)."""
-        return attend_slots(self, queries, spec, query_valid, query_positions, need_weights)
 
     def _dense_view(self) -> DenseStore:
         return DenseStore(self.keys, self.values, self.positions, self.valid, {n: self.extra(n) for n in self.extra_names})

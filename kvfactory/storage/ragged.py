@@ -52,13 +52,14 @@ class RowLayout:
     index: torch.Tensor | None
 
     @classmethod
-    def build(cls, lengths: torch.Tensor, tail_capacity: int, device: torch.device,
+    def build(cls, lengths: torch.Tensor, sample_sizes: list[int], tail_capacity: int, device: torch.device,
               tail_valid: torch.Tensor | None = None) -> "RowLayout":
-        """The layout of a prefix with ``lengths (B, Hkv)`` and room for ``tail_capacity`` tokens per sample
-        (``tail_valid (B, tail_capacity)``: which tail tokens are real; None: all)."""
+        """The layout of a prefix with ``lengths (B, Hkv)`` (on the CPU) whose per-sample sums are ``sample_sizes``
+        (host ints, so that a layout grown while decoding reads nothing back) and room for ``tail_capacity`` tokens
+        per sample (``tail_valid (B, tail_capacity)``: which tail tokens are real; None: all)."""
         batch, heads = lengths.shape
         per_sample = lengths.sum(dim=-1)
-        prefix_slots = int(per_sample.max())
+        prefix_slots = max(sample_sizes, default=0)
         slots = torch.arange(prefix_slots)
         ends = lengths.cumsum(dim=-1)
         prefix_allowed = (slots >= (ends - lengths)[..., None]) & (slots < ends[..., None])
@@ -71,7 +72,7 @@ class RowLayout:
         if batch > 1:
             starts = per_sample.cumsum(dim=0) - per_sample
             prefix_index = torch.where(slots < per_sample[:, None], starts[:, None] + slots, 0)
-            tail_index = int(per_sample.sum()) + torch.arange(batch * tail_capacity * heads).view(batch, -1)
+            tail_index = sum(sample_sizes) + torch.arange(batch * tail_capacity * heads).view(batch, -1)
             layout.index = torch.cat([prefix_index, tail_index], dim=-1).flatten().to(device, torch.int32)
         return layout
 
@@ -110,11 +111,14 @@ class RaggedStore:
         self._values = values.contiguous()
         self.flat_positions = positions.to(torch.int32).contiguous()
         self.lengths = lengths
+        # host copies of what lengths says (read once here, at compression): decoding never reads lengths back
+        self._sample_sizes: list[int] = lengths.sum(dim=-1).tolist()
+        self._longest: int = int(lengths.max()) if lengths.numel() else 0
         self.prefix_size = keys.shape[0]
         self.tail_length = 0
         self._tail_positions = torch.zeros(lengths.shape[0], 0, dtype=torch.int32, device=keys.device)
         self._tail_valid: torch.Tensor | None = None  # (B, capacity); None while every tail token is real
-        self.layout = RowLayout.build(lengths, 0, keys.device)
+        self.layout = RowLayout.build(lengths, self._sample_sizes, 0, keys.device)
 
     @property
     def segment_ids(self) -> torch.Tensor:
@@ -126,8 +130,14 @@ class RaggedStore:
     @classmethod
     def from_mask(cls, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
                   keep: torch.Tensor) -> "RaggedStore":
-        """Keep ``keys/values (B, Hkv, n, d)`` where ``keep (B, Hkv, n)`` is True (``positions (B, Hkv, n)``)."""
-        return cls(keys[keep], values[keep], positions[keep], keep.sum(dim=-1).cpu())
+        """Keep ``keys/values (B, Hkv, n, d)`` where ``keep (B, Hkv, n)`` is True (``positions (B, Hkv, n)``).
+
+        One host read per compression, the kept counts (ragged buffers are sized by them); the kept rows are then
+        gathered with a size known on the host (``nonzero_static``), not by boolean indexing (a read each)."""
+        lengths = keep.sum(dim=-1).cpu()
+        index = torch.nonzero_static(keep.flatten(), size=int(lengths.sum())).flatten()
+        return cls(*(t.flatten(0, 2).index_select(0, index) for t in (keys, values)),
+                   positions.flatten().index_select(0, index), lengths)
 
     @classmethod
     def concat(cls, parts: list["RaggedStore"]) -> "RaggedStore":
@@ -169,7 +179,7 @@ class RaggedStore:
     @property
     def length(self) -> int:
         """Slots of the longest head (prefix + tail)."""
-        return int(self.lengths.max()) + self.tail_length
+        return self._longest + self.tail_length
 
     def head_lengths(self) -> torch.Tensor:
         """Tokens held per (sample, KV head), ``(B, Hkv)``."""
@@ -237,7 +247,7 @@ class RaggedStore:
         """A left-padded dense view ``keys/values (B, Hkv, T, d)``, ``positions (B, Hkv, T)``, ``valid (B, Hkv, T)``
         (prefix then tail per head), for re-applying a head-wise method while decoding."""
         batch, heads = self.lengths.shape
-        longest = int(self.lengths.max())
+        longest = self._longest
         total = longest + self.tail_length
         device, head_dim = self._keys.device, self._keys.shape[-1]
         keys = self._keys.new_zeros(batch, heads, total, head_dim)
@@ -287,7 +297,7 @@ class RaggedStore:
 
     def truncate(self, length: int) -> None:
         """Drop tail tokens beyond ``length`` slots of the longest head (the prefix is never cut)."""
-        self.tail_length = min(self.tail_length, max(0, length - int(self.lengths.max())))
+        self.tail_length = min(self.tail_length, max(0, length - self._longest))
 
     @property
     def _buffer_prefix(self) -> int:
@@ -325,7 +335,7 @@ class RaggedStore:
         self._tail_positions = widened(self._tail_positions, -1)
         if self._tail_valid is not None:
             self._tail_valid = widened(self._tail_valid, True)
-        self.layout = RowLayout.build(self.lengths, capacity, self._keys.device, self._tail_valid)
+        self.layout = RowLayout.build(self.lengths, self._sample_sizes, capacity, self._keys.device, self._tail_valid)
 
     # -- attention ---------------------------------------------------------------------------------------------
     def attend(self, queries: torch.Tensor, spec: AttentionSpec, *, query_valid: torch.Tensor | None = None,
