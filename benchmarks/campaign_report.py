@@ -1,7 +1,7 @@
 """Tables, heatmaps and ordering checks of a method-comparison campaign (scripts/campaign/qwen.sh), from whatever
 results exist so far (the campaign is resumable; missing runs show as "-").
 
-``python benchmarks/campaign_report.py [--campaign_dir benchmarks/results/qwen2.5-coder-0.5b]
+``python -m benchmarks.campaign_report [--campaign_dir benchmarks/results/qwen2.5-coder-0.5b]
 [--figures docs/figures] [--write docs/results.md]``
 
 Prints markdown; with ``--write`` it replaces the part of that file between ``<!-- campaign:begin -->`` and
@@ -20,11 +20,9 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from kvfactory.benchmarks.passkey import passkey_found  # noqa: E402
-from kvfactory.metrics.bootstrap import paired_bootstrap  # noqa: E402
-from kvfactory.metrics.files import jsonl_lines  # noqa: E402
+from kvfactory.benchmarks.passkey import passkey_found
+from kvfactory.metrics.bootstrap import paired_bootstrap
+from kvfactory.metrics.files import jsonl_lines
 
 BEGIN, END = "<!-- campaign:begin -->", "<!-- campaign:end -->"
 METHOD_ORDER = ("fullkv", "snapkv", "pyramidkv", "adakv", "h2o", "streamingllm")

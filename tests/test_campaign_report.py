@@ -2,12 +2,9 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-
-import campaign_report  # noqa: E402
+from benchmarks import campaign_report
 
 
 def _jsonl(path: Path, records: list[dict]) -> None:

@@ -37,18 +37,13 @@ def test_editable_install_in_a_fresh_venv_gives_the_console_scripts(tmp_path: Pa
     assert shown.returncode == 0 and "--model_path" in shown.stdout, shown.stderr
 
 
-# benchmarks/campaign_report.py is the lead's (edited on main): its sys.path line goes when they next touch it
-SYS_PATH_EDITORS_LEFT = {"campaign_report.py"}
-
-
 def test_benchmarks_are_a_package_that_never_edits_sys_path() -> None:
     """Issue 19 case 13: every ``benchmarks/*.py`` runs as ``python -m benchmarks.X`` from the checkout (no
     install) and imports no module by editing ``sys.path``."""
     scripts = sorted(path for path in (REPO / "benchmarks").glob("*.py") if path.name != "__init__.py")
     assert (REPO / "benchmarks" / "__init__.py").is_file() and len(scripts) >= 9
     for path in scripts:
-        if path.name not in SYS_PATH_EDITORS_LEFT:
-            assert "sys.path" not in path.read_text(encoding="utf-8"), path.name
+        assert "sys.path" not in path.read_text(encoding="utf-8"), path.name
     shown = subprocess.run([sys.executable, "-m", "benchmarks.kept_tokens", "--help"], capture_output=True, text=True,
                            cwd=REPO)
     assert shown.returncode == 0 and "--model_path" in shown.stdout, shown.stderr

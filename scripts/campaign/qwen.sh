@@ -16,7 +16,7 @@
 #
 # Results go under $CAMPAIGN_DIR (default benchmarks/results/qwen2.5-coder-0.5b), one folder per runner, each with
 # its run_meta.json. The model runs in bfloat16 with sdpa (2x faster than float32 on this CPU; what GPU runs use).
-# Tables and figures: python benchmarks/campaign_report.py.
+# Tables and figures: python -m benchmarks.campaign_report.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 MODEL=qwen2.5-coder-0.5b
