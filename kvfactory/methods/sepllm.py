@@ -19,11 +19,9 @@ SEPARATORS = ".,?!;:\n"  # SepLLM's separators (punctuation and line breaks)
 def separator_ids(tokenizer: Any, separators: str = SEPARATORS) -> list[int]:
     """Ids of the vocabulary tokens that are separators: tokens whose text, spaces and tabs stripped, is non-empty and
     made only of ``separators`` characters (``"."``, ``" ,"``, ``"\\n\\n"``, ``".\\n"``...)."""
-    found = []
-    for token_id in range(len(tokenizer)):
-        text = tokenizer.decode([token_id]).strip(" \t")
-        if text and all(character in separators for character in text):
-            found.append(token_id)
+    texts = tokenizer.batch_decode([[token_id] for token_id in range(len(tokenizer))])
+    found = [token_id for token_id, text in enumerate(texts)
+             if text.strip(" \t") and all(character in separators for character in text.strip(" \t"))]
     if not found:
         raise ValueError(f"no token of this tokenizer's vocabulary is made of the separators {separators!r}")
     return found
