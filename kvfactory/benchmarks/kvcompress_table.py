@@ -177,16 +177,17 @@ def plot_table(rows: Sequence[dict[str, Any]], folder: Path, title: str) -> list
     figure.savefig(paths[-1], dpi=120)
     plt.close(figure)
 
-    figure, axis = plt.subplots(figsize=(8, 4.5))
-    compressed = [r for r in rows if r["cache_size"] is not None]
-    saved = [1 - r["kv_tokens"] / baseline["kv_tokens"] for r in compressed]
+    compressed = sorted((r for r in rows if r["cache_size"] is not None),
+                        key=lambda r: r["ppl"] / baseline["ppl"])
+    figure, axis = plt.subplots(figsize=(8, 0.32 * len(compressed) + 1.5))
     increase = [100 * (r["ppl"] / baseline["ppl"] - 1) for r in compressed]
-    axis.scatter([100 * s for s in saved], increase)
-    for r, s, i in zip(compressed, saved, increase):
-        axis.annotate(r["label"], (100 * s, i), fontsize=7)
-    axis.set_xlabel("KV saved vs baseline (%)")
-    axis.set_ylabel("PPL increase vs baseline (%)")
-    axis.grid(alpha=0.3)
+    axis.barh([r["label"] for r in compressed], increase, color="tab:orange")
+    for i, r in enumerate(compressed):
+        saved = 100 * (1 - r["kv_tokens"] / baseline["kv_tokens"])
+        axis.annotate(f" KV −{saved:.0f}%", (increase[i], i), va="center", fontsize=7)
+    axis.invert_yaxis()
+    axis.set_xlabel("PPL increase vs baseline (%), annotated with the KV saved")
+    axis.grid(alpha=0.3, axis="x")
     axis.set_title(f"{title}: cache efficiency")
     figure.tight_layout()
     paths.append(folder / "kvcompress_cache_efficiency.png")
