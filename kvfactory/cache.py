@@ -25,7 +25,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from kvfactory.attention import AttentionSpec, attend
 from kvfactory.methods.base import Compressor, Kept
 from kvfactory.methods.scoring import PrefillAttention
-from kvfactory.storage.base import StorageFactory, default_storage
+from kvfactory.storage.base import Rotary, StorageFactory, default_storage
 from kvfactory.storage.dense import StoreRow
 
 logger = logging.getLogger(__name__)
@@ -37,9 +37,13 @@ class CompressedCache(Cache):
     """Per-layer compressed KV storage for a patched model (created by ``kvfactory.patch``; see ``PatchHandle``)."""
 
     def __init__(self, method: Compressor, num_layers: int, spec: AttentionSpec,
-                 storage: StorageFactory | None = None) -> None:
+                 storage: StorageFactory | None = None, rotary: Rotary | None = None) -> None:
         super().__init__()
+        if method.position_shift and (rotary is None or method.layout != "dense"):
+            raise ValueError(f"{method.name}: position_shift needs a dense method and the model's RoPE (a cache made "
+                             "by handle.new_cache() of a RoPE model)")
         self.method = method
+        self.rotary = rotary  # the model's RoPE, for the position shift (keys kept at positions inside the cache)
         self.storage = storage or default_storage()
         self.num_layers = num_layers
         self.spec = spec
@@ -51,6 +55,7 @@ class CompressedCache(Cache):
         self._seen_tokens = 0
         self.sample_lengths: list[int] | None = None  # real (non-padding) tokens seen by each sample
         self.step_valid: torch.Tensor | None = None  # (B, n) validity of the tokens of the forward in flight
+        self.step_token_ids: torch.Tensor | None = None  # (B, n) ids of the forward in flight (methods reading them)
         self._step_counts: list[int] = []
         self._step_tokens = 0
         # True while the later chunks of a chunked prefill run: compress to the prefill capacity after each
@@ -101,11 +106,20 @@ class CompressedCache(Cache):
                 self.query_windows[layer_idx] = window.index_select(0, beam_idx.to(window.device))
 
     # -- steps (driven by the patched decoder stack) -------------------------------------------------------------
-    def begin_step(self, batch_size: int, new_tokens: int, valid: torch.Tensor | None) -> None:
-        """A forward of ``new_tokens`` per sample starts; ``valid (B, n)`` marks real tokens (None: all real)."""
+    def begin_step(self, batch_size: int, new_tokens: int, valid: torch.Tensor | None,
+                   token_ids: torch.Tensor | None = None) -> None:
+        """A forward of ``new_tokens`` per sample starts; ``valid (B, n)`` marks real tokens (None: all real);
+        ``token_ids (B, n)`` are its input ids (read by methods whose ``needs_token_ids`` is True)."""
         if self.sample_lengths is not None and len(self.sample_lengths) != batch_size:
             raise ValueError(f"this cache holds a batch of {len(self.sample_lengths)}, the input has {batch_size}")
+        if self.method.needs_token_ids and token_ids is None:
+            raise ValueError(f"{self.method.name} reads the token ids (separators): call the model with input_ids, "
+                             "not inputs_embeds")
+        if self.method.position_shift and valid is not None:
+            raise ValueError(f"{self.method.name}: position_shift runs unpadded batches only; run padded prompts one "
+                             "at a time")
         self.step_valid = valid
+        self.step_token_ids = token_ids
         self._step_tokens = new_tokens
         self._step_counts = [new_tokens] * batch_size if valid is None else valid.sum(dim=1).tolist()
 
@@ -115,6 +129,7 @@ class CompressedCache(Cache):
             self._seen_tokens += self._step_tokens
             self.sample_lengths = self._lengths_after_step()
         self.step_valid = None
+        self.step_token_ids = None
         self._step_counts = []
 
     def _lengths_after_step(self) -> list[int]:
@@ -202,7 +217,17 @@ class CompressedCache(Cache):
             prefill = PrefillAttention.from_kernel(extra, valid) if reusable else None
             self._prefill(layer_idx, queries, keys, values, positions, valid, prefill)
             return output
+        if self.method.position_shift:  # rotate the new tokens to their slots: positions inside the cache
+            slots = torch.arange(store.length, store.length + keys.shape[-2], device=keys.device)
+            shift = (positions - slots).clamp_min(0)
+            queries = self.rotary(layer_idx, queries, shift[:, None].expand(-1, queries.shape[1], -1), True)
+            keys = self.rotary(layer_idx, keys, shift[:, None].expand(-1, keys.shape[1], -1), True)
         store.append(keys, values, positions, valid)
+        if self.method.needs_token_ids:  # the new slots start their accumulators at the method's token marks
+            marks = self._marks(keys.shape[1])
+            amount = torch.zeros(marks.shape[0], marks.shape[1], store.length, device=marks.device)
+            amount[..., -marks.shape[-1]:] = marks
+            store.add_to_extra(SCORES, amount)
         needs_weights = self.method.needs_decode_attention
         output, weights = store.attend(queries, self.step_spec(), query_valid=valid, query_positions=positions,
                                        need_weights=needs_weights)
@@ -219,31 +244,40 @@ class CompressedCache(Cache):
         return output
 
     # -- internals ---------------------------------------------------------------------------------------------
+    def _marks(self, heads: int) -> torch.Tensor:
+        """The method's token marks of the forward in flight, per KV head ``(B, Hkv, n)``."""
+        assert self.step_token_ids is not None
+        marks = self.method.token_marks(self.step_token_ids).float()
+        return marks[:, None, :].expand(-1, heads, -1)
+
     @staticmethod
     def _samples(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-                 valid: torch.Tensor | None, prefill: PrefillAttention | None) -> list[tuple[Any, ...]]:
-        """The prompt as ``(queries, keys, values, positions, prefill)`` parts: the whole batch when nothing is
+                 valid: torch.Tensor | None, prefill: PrefillAttention | None,
+                 marks: torch.Tensor | None = None) -> list[tuple[Any, ...]]:
+        """The prompt as ``(queries, keys, values, positions, prefill, marks)`` parts: the whole batch when nothing is
         padded, else one part per sample holding only its real tokens (padding never scores and is never kept)."""
         if valid is None:
-            return [(queries, keys, values, positions, prefill)]
+            return [(queries, keys, values, positions, prefill, marks)]
         parts = []
         for b in range(keys.shape[0]):
             real = valid[b].nonzero().flatten()
             parts.append(tuple(t[b : b + 1].index_select(dim, real)
                                for t, dim in ((queries, 2), (keys, 2), (values, 2), (positions, 1)))
-                         + (None if prefill is None else prefill.tokens(b, real),))
+                         + (None if prefill is None else prefill.tokens(b, real),
+                            None if marks is None else marks[b : b + 1].index_select(2, real)))
         return parts
 
     def _prefill(self, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                  positions: torch.Tensor, valid: torch.Tensor | None, prefill: PrefillAttention | None = None) -> None:
-        parts = self._samples(queries, keys, values, positions, valid, prefill)
         heads = keys.shape[1]
+        marks = self._marks(heads) if self.method.needs_token_ids else None
+        parts = self._samples(queries, keys, values, positions, valid, prefill, marks)
         if self.method.layout == "ragged":  # each head keeps its own count: ragged storage, no padding
             masked = [
                 (part_keys, part_values, part_positions[:, None, :].expand(-1, heads, -1),
                  self.method.select_mask(part_queries, part_keys, part_values, layer_idx=layer_idx,
                                          num_layers=self.num_layers, prefill_attention=part_prefill))
-                for part_queries, part_keys, part_values, part_positions, part_prefill in parts
+                for part_queries, part_keys, part_values, part_positions, part_prefill, _ in parts
             ]
             store = self.storage.build_ragged(layer_idx, masked)
             self.prefill_kept[layer_idx] = [round(float(keep[b].sum(-1).float().mean())) for *_, keep in masked
@@ -295,22 +329,40 @@ class CompressedCache(Cache):
         self.compressions[layer_idx] += 1
 
     def _compress_row(self, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                      positions: torch.Tensor, prefill: PrefillAttention | None) -> StoreRow:
-        """Compress one batch row (or a whole unpadded batch) of a prompt."""
+                      positions: torch.Tensor, prefill: PrefillAttention | None,
+                      marks: torch.Tensor | None = None) -> StoreRow:
+        """Compress one batch row (or a whole unpadded batch) of a prompt. A method reading token ids starts its
+        accumulators at its token marks (plus its prompt attention when it accumulates attention)."""
+        accumulated = None
+        if marks is not None:
+            accumulated = marks
+            if self.method.needs_decode_attention:
+                accumulated = self.method.token_scores(queries, keys, prefill).float() + marks
         kept = self.method.compress_tokens(queries, keys, values, layer_idx=layer_idx, num_layers=self.num_layers,
-                                           prefill_attention=prefill)
-        return self._row(kept, positions[:, None, :].expand(-1, keys.shape[1], -1), queries, keys, prefill)
+                                           prefill_attention=prefill, accumulated=accumulated)
+        return self._row(kept, positions[:, None, :].expand(-1, keys.shape[1], -1), queries, keys, prefill,
+                         layer_idx)
 
     def _row(self, kept: Kept, positions: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor,
-             prefill: PrefillAttention | None) -> StoreRow:
+             prefill: PrefillAttention | None, layer_idx: int) -> StoreRow:
         """Store the kept tokens with their positions (and H2O-style accumulators when decoding needs them)."""
         extras = {}
-        if self.method.needs_decode_attention:
+        if self.method.needs_decode_attention or self.method.needs_token_ids:
             scores = kept.scores
             if scores is None:  # nothing was evicted: the accumulators start from every token's prompt attention
                 scores = self.method.token_scores(queries, keys, prefill).gather(2, kept.indices)
             extras[SCORES] = scores.float()
-        return StoreRow(kept.keys, kept.values, positions.gather(2, kept.indices), extras)
+        return StoreRow(self._shifted(layer_idx, kept), kept.values, positions.gather(2, kept.indices), extras)
+
+    def _shifted(self, layer_idx: int, kept: Kept) -> torch.Tensor:
+        """The kept keys, re-rotated from their old slot to their new one under the position shift (slot ``i`` holds a
+        key rotated at position ``i``): rotated back by ``old slot - new slot``."""
+        if not self.method.position_shift:
+            return kept.keys
+        moved = kept.indices - torch.arange(kept.indices.shape[-1], device=kept.indices.device)
+        if not bool(moved.any()):
+            return kept.keys
+        return self.rotary(layer_idx, kept.keys, moved, True)
 
     def _remember_queries(self, layer_idx: int, queries: torch.Tensor) -> None:
         window = self.query_windows[layer_idx]
@@ -361,7 +413,8 @@ class CompressedCache(Cache):
                 capacity=capacity, accumulated=view.extras.get(SCORES),
             )
             extras = {SCORES: kept.scores} if SCORES in view.extras and kept.scores is not None else {}
-            rows.append(StoreRow(kept.keys, kept.values, view.positions.gather(2, kept.indices), extras))
+            rows.append(StoreRow(self._shifted(layer_idx, kept), kept.values, view.positions.gather(2, kept.indices),
+                                 extras))
         # a chunked prefill rebuilds the store at its kept size (compacting in place would keep the chunk's room)
         self.stores[layer_idx] = store.replace_rows(rows) if chunk_queries is None else self.storage.build(
             layer_idx, rows)

@@ -132,7 +132,8 @@ class PatchHandle:
     # -- caches ------------------------------------------------------------------------------------------------
     def new_cache(self) -> CompressedCache:
         """An empty cache for this model and method (pass it as ``past_key_values`` to reuse it across calls)."""
-        return CompressedCache(self.method, self.num_layers, self.spec, self.storage)
+        rotary = self.rotate if self.method.position_shift else None
+        return CompressedCache(self.method, self.num_layers, self.spec, self.storage, rotary)
 
     def save_cache(self, path: str, cache: CompressedCache | None = None) -> None:
         """Save ``cache`` (default: the last one) to ``path`` (safetensors) and ``path + ".json"`` (method, model)."""
@@ -170,11 +171,11 @@ class PatchHandle:
 
     @contextmanager
     def _running(self, cache: CompressedCache | None, valid: torch.Tensor | None, batch_size: int,
-                 new_tokens: int) -> Iterator[None]:
+                 new_tokens: int, token_ids: torch.Tensor | None = None) -> Iterator[None]:
         outer = self._step
         self._step = _Step(cache, valid, new_tokens)
         if cache is not None:
-            cache.begin_step(batch_size, new_tokens, valid)
+            cache.begin_step(batch_size, new_tokens, valid, token_ids)
         committed = False
         try:
             yield
@@ -209,7 +210,7 @@ class PatchHandle:
             chunk = self.method.prefill_chunk_size
             if chunk is not None and cache is not None and cache.get_seq_length() == 0 and new_tokens > chunk:
                 return self._prefill_in_chunks(forward, arguments, extra, cache, valid, chunk)
-            with self._running(cache, valid, inputs.shape[0], new_tokens):
+            with self._running(cache, valid, inputs.shape[0], new_tokens, arguments.get("input_ids")):
                 self.adapter.prepare_base_call(arguments, self, new_tokens)
                 output = original(**arguments, **extra)
             if cache is not None:
@@ -325,6 +326,7 @@ def patch(model: nn.Module, method: str | Compressor = "fullkv", **params: Any) 
         raise ValueError("this model is already patched; call remove() on its handle first")
     compressor = method_registry.wrap(method, **params) if isinstance(method, Compressor) else (
         method_registry.get(method, **params))
+    compressor.prepare(model)
     handle = PatchHandle(model, compressor, adapter)
     heads, head_dim = kv_shape(model.config)
     handle.storage = compressor.make_storage(ModelContext(

@@ -73,7 +73,23 @@ def method_params(name: str, **params: object) -> dict[str, object]:
     """``params`` plus what a method cannot run without (HeadKV's head scores)."""
     if name == "headkv":
         params.setdefault("head_scores", synthetic_head_scores())
+    params.update(predecessor_params(name))
     return params
+
+
+def predecessor_params(name: str) -> dict[str, object]:
+    """Small settings for the predecessors' methods on tiny models: windows that fit a 20-token budget, separators
+    among the random prompt's ids, and no streaming default (``stream=False``: the cache grows while decoding unless
+    a test gives ``decode_budget``)."""
+    small = {"window_size": 4}
+    lazy = {"compress_interval": 1} if name.startswith("lazy_") else {}  # registry tests bound the cache at the budget
+    if name in ("sepllm", "unified", "lazy_unified"):
+        return {**small, **lazy, "separator_ids": [5, 17, 40, 77], "stream": False}
+    if name == "lazy_h2o":
+        return {**small, **lazy, "stream": False}
+    if name in ("h2o_l2", "snapkv_lite"):
+        return small
+    return {}
 
 
 STAND_INS = Path(__file__).resolve().parent / "stand_ins"

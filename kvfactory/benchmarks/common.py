@@ -115,6 +115,8 @@ def patch_parameters(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         if not isinstance(extra, dict):
             raise ValueError("--method_kwargs must be a JSON object, e.g. '{\"sink_size\": 4}'")
         params.update(extra)
+        if "compression_ratio" in extra:  # kvpress's budget (fraction removed) replaces --max_capacity_prompts
+            params.pop("max_capacity_prompt", None)
     return name, params
 
 

@@ -73,7 +73,9 @@ def _budget_plot(rows: Sequence[dict[str, Any]], metric: str, path: Path, title:
     if baseline is not None:
         axis.axhline(baseline, color="black", linestyle="--", linewidth=1, label="fullkv")
     unit = next((row.get("budget_unit") for row in rows if row.get("budget_unit")), "ratio")
-    axis.set_xlabel("budget (share of the prefix kept)" if unit == "ratio" else "budget (tokens kept per layer/head)")
+    axis.set_xlabel({"ratio": "budget (share of the prefix kept)",
+                     "compression_ratio": "compression ratio (share of the prefix removed, kvpress)"}.get(
+                         unit, "budget (tokens kept per layer/head)"))
     axis.set_ylabel(_axis_label(metric))
     if metric == "ppl" and baseline is not None:
         values = [v for points in by_method.values() for _, v in points] + [baseline]

@@ -26,11 +26,22 @@ from kvfactory.benchmarks.speed import MethodSpec, compare, rows_with_ratios, wr
 logger = logging.getLogger(__name__)
 
 DEFAULT_METHODS = "snapkv,pyramidkv,streamingllm,h2o,l2norm"
-BUDGET_UNITS = ("ratio", "tokens")
+# ratio: the share KEPT (kvfactory's max_capacity_prompt_ratio); tokens: max_capacity_prompt; compression_ratio: the
+# share REMOVED (kvpress's convention: knorm/lagkv take it as is, the others keep 1 - r of the prefix)
+BUDGET_UNITS = ("ratio", "tokens", "compression_ratio")
 
 
-def budget_params(budget: float, unit: str) -> dict[str, Any]:
-    """``max_capacity_prompt_ratio`` (a share of the prefix) or ``max_capacity_prompt`` (tokens)."""
+def budget_params(budget: float, unit: str, method: str = "") -> dict[str, Any]:
+    """``max_capacity_prompt_ratio`` (a share of the prefix kept), ``max_capacity_prompt`` (tokens), or kvpress's
+    ``compression_ratio`` (a share removed: passed as is to the methods that take it, else ``1 - r`` kept)."""
+    if unit == "compression_ratio":
+        from kvfactory import methods as registry
+
+        if not 0 <= budget < 1:
+            raise ValueError(f"a compression_ratio (share removed) must be in [0, 1), got {budget}")
+        if method and "compression_ratio" in registry.parameters(method):
+            return {"compression_ratio": float(budget)}
+        return {"max_capacity_prompt_ratio": round(1 - float(budget), 10)}
     if unit == "ratio":
         if not 0 < budget <= 1:
             raise ValueError(f"a ratio budget must be in (0, 1], got {budget}")
@@ -57,7 +68,7 @@ def grid_specs(methods: Sequence[str], budgets: Sequence[float], unit: str,
         if name == "fullkv":
             continue
         for budget in budgets:
-            params = {**budget_params(budget, unit), **extra.get(name, {})}
+            params = {**budget_params(budget, unit, name), **extra.get(name, {})}
             registry.get(name, **params)  # fail before any model runs
             specs.append((MethodSpec(name, params, f"{name}@{budget:g}"), budget))
     return specs
@@ -149,7 +160,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated; fullkv is always run")
     parser.add_argument("--budgets", default="0.1,0.3,0.5,0.7", help="comma-separated budgets")
     parser.add_argument("--budget_unit", default="ratio", choices=BUDGET_UNITS,
-                        help="ratio: share of the prefix (max_capacity_prompt_ratio); tokens: max_capacity_prompt")
+                        help="ratio: share of the prefix KEPT (max_capacity_prompt_ratio); tokens: max_capacity_prompt; "
+                             "compression_ratio: share REMOVED (kvpress's convention)")
     parser.add_argument("--method_kwargs", default=None, help='JSON {"method": {"param": value}} added per method')
     parser.add_argument("--max_length", type=int, default=1024, help="window length in tokens")
     parser.add_argument("--prefix_ratio", type=float, default=0.5, help="share of the window prefilled (compressed)")
@@ -223,6 +235,8 @@ def run_grid(args: argparse.Namespace, on_dataset: Callable[[DatasetGrid], None]
         finished.append(result)
         if on_dataset is not None:
             on_dataset(result)
+    if len(finished) > 1:  # one combined CSV across datasets
+        write_rows([row for grid in finished for row in grid.rows], folder / f"{label}_combined_kv_metrics")
     return finished
 
 

@@ -226,11 +226,16 @@ def suffix_ppl(model: Any, windows: Sequence[Sequence[int]], *, method: str = "f
 # -- streaming PPL ----------------------------------------------------------------------------------------------
 @torch.no_grad()
 def streaming_ppl(model: Any, tokens: Sequence[int], *, method: str = "fullkv", params: dict[str, Any] | None = None,
-                  chunk_size: int = 1, label: str = "", progress: bool = True) -> PPLResult:
+                  chunk_size: int = 1, label: str = "", progress: bool = True,
+                  allow_extrapolation: bool = False) -> PPLResult:
     """Feed ``tokens`` ``chunk_size`` at a time through one cache under the method; score every token but the first.
 
     ``step_seconds`` holds the time of every fed chunk (decoder + LM head), so latency can be plotted against the
     position in the stream; ``cache_bytes`` is the largest cache seen after a step, ``kept_tokens`` the final size.
+
+    A stream longer than the model's ``max_position_embeddings`` needs a method with ``position_shift=True``
+    (positions inside the cache, StreamingLLM's rolling positions); otherwise it is a ValueError, unless
+    ``allow_extrapolation`` (the keys then keep their true positions, past what the model was trained on).
     """
     from tqdm import tqdm
 
@@ -239,15 +244,21 @@ def streaming_ppl(model: Any, tokens: Sequence[int], *, method: str = "fullkv", 
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and len(tokens) > limit:
-        logger.warning("%d tokens exceed the model's max_position_embeddings=%d: kept keys keep their true "
-                       "positions, so PPL past that point measures position extrapolation too", len(tokens), limit)
     params = dict(params or {})
     result = PPLResult(label or method, method, params, windows=1)
     device = _device(model)
     decoder, head = model.base_model, model.get_output_embeddings()
     ids = torch.tensor([list(tokens)], device=device)
     with _patch(model, method, params) as handle:
+        if limit is not None and len(tokens) > limit and not handle.method.position_shift:
+            if not allow_extrapolation:
+                raise ValueError(
+                    f"the stream ({len(tokens)} tokens) runs past the model's max_position_embeddings={limit}, and "
+                    f"{method} keeps the true positions: give it position_shift=True (positions inside the cache; "
+                    "streamingllm, recent_only, lazy_h2o, sepllm, unified, lazy_unified), stream fewer tokens, or "
+                    "pass allow_extrapolation=True to measure position extrapolation")
+            logger.warning("%d tokens exceed the model's max_position_embeddings=%d: kept keys keep their true "
+                           "positions, so PPL past that point measures position extrapolation too", len(tokens), limit)
         cache: CompressedCache = handle.new_cache()
         fed = ids.shape[1] - 1  # the last token is only a target
         bar = tqdm(total=fed, desc=f"streaming ppl {result.label}", unit="tok", disable=not progress, mininterval=2)

@@ -27,6 +27,16 @@ from kvfactory.methods.pyramidkv import PyramidKV
 from kvfactory.methods.random_selection import RandomSelection
 from kvfactory.methods.snapkv import SnapKV
 from kvfactory.methods.streamingllm import StreamingLLM
+from kvfactory.methods.adaptive_l2 import AdaptiveL2
+from kvfactory.methods.fix_size_l2 import FixSizeL2
+from kvfactory.methods.h2o_l2 import H2OL2
+from kvfactory.methods.knorm import KNorm
+from kvfactory.methods.lagkv import LagKV
+from kvfactory.methods.lazy_h2o import LazyH2O
+from kvfactory.methods.recent_only import RecentOnly
+from kvfactory.methods.sepllm import SepLLM
+from kvfactory.methods.snapkv_lite import SnapKVLite
+from kvfactory.methods.unified import LazyUnified, Unified
 from kvfactory.methods.wrappers import (
     ChunkedPrefill, DecodingPolicy, HeadwiseAllocation, MethodWrapper, PerLayerBudget, Quantized,
 )
@@ -36,6 +46,9 @@ REGISTRY: dict[str, type[Compressor]] = {
     cls.name: cls
     for cls in (FullKV, RandomSelection, StreamingLLM, SnapKV, PyramidKV, H2O, L2Norm, CAM, AdaKV, AdaPyramidKV, HeadKV)
 }
+# the predecessors' methods (streaming project, KVPress-style experiment, kvcompress): docs/predecessors.md
+REGISTRY.update({cls.name: cls for cls in (SepLLM, Unified, LazyUnified, LazyH2O, LagKV, KNorm, FixSizeL2, H2OL2,
+                                           SnapKVLite, AdaptiveL2, RecentOnly)})
 ALIASES = {"full": "fullkv", "streaming": "streamingllm", "ada-snapkv": "adakv"}
 # head-wise allocations that take scorer=: the method name -> the parameters that belong to the allocation
 ALLOCATIONS: dict[str, tuple[str, ...]] = {"adakv": ("floor_ratio", "normalize")}
@@ -181,3 +194,5 @@ __all__ = [
     "wrap", "AdaKV", "AdaPyramidKV", "BudgetedCompressor", "CAM", "HeadKV", "HeadwiseCompressor", "Compressor", "FullKV", "H2O", "Kept", "L2Norm", "PyramidKV", "RandomSelection",
     "Selection", "SnapKV", "StreamingLLM", "WindowedCompressor", "get", "method_class", "names", "parameters",
 ]
+__all__ += ["AdaptiveL2", "FixSizeL2", "H2OL2", "KNorm", "LagKV", "LazyH2O", "LazyUnified", "RecentOnly", "SepLLM",
+            "SnapKVLite", "Unified"]

@@ -83,6 +83,16 @@ def top_past_plus_window(past_scores: torch.Tensor, capacity: int, window_size: 
     return torch.cat([top, window], dim=-1)
 
 
+def hold_prefill_budget(method: "BudgetedCompressor", stream: bool) -> None:
+    """Streaming presets (``stream=True``): without an explicit ``decode_budget``, hold the cache at the prefill budget
+    while decoding, as the streaming projects do (their cache never grows)."""
+    if stream and method.decode_budget is None:
+        if method.max_capacity_prompt is None:
+            raise ValueError(f"{method.name}: stream=True holds the cache at max_capacity_prompt; give "
+                             "max_capacity_prompt (or decode_budget) rather than max_capacity_prompt_ratio")
+        method.decode_budget = method.max_capacity_prompt
+
+
 LAYOUTS = ("dense", "ragged")
 
 
@@ -157,6 +167,23 @@ class Compressor:
         return reduce_groups(weights.sum(dim=3), "mean")
 
     uses_prefill_attention: ClassVar[bool] = False  # whether select reads the prefill attention's lse/column sums
+
+    # -- token identities and positions (streaming methods) ------------------------------------------------------
+    needs_token_ids: ClassVar[bool] = False  # whether the cache feeds token_marks of every token (SepLLM)
+
+    def token_marks(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Per-token marks ``(B, n)`` float added to the per-slot accumulators of a method whose ``needs_token_ids``
+        is True (SepLLM: 1 for a separator token); ``select`` then reads them in ``accumulated``."""
+        raise NotImplementedError(f"{self.name} does not read token ids")
+
+    @property
+    def position_shift(self) -> bool:
+        """Whether attention uses positions inside the cache (StreamingLLM's rolling positions): the cache then keeps
+        slot ``i``'s key rotated at position ``i`` and re-rotates the kept keys after every eviction."""
+        return False
+
+    def prepare(self, model: object) -> None:
+        """Called once by ``kvfactory.patch`` with the model (SepLLM finds its separators in the model's tokenizer)."""
 
     def token_scores(self, queries: torch.Tensor, keys: torch.Tensor,
                      prefill_attention: PrefillAttention | None = None) -> torch.Tensor:

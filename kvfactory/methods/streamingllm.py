@@ -14,8 +14,11 @@ class StreamingLLM(BudgetedCompressor):
     """Keeps the first ``sink_size`` tokens and the last ``C - sink_size`` (Xiao et al. 2023,
     "Efficient Streaming Language Models with Attention Sinks", arXiv:2309.17453).
 
-    No scores. With ``decode_budget`` the window rolls while generating. Keys keep their original positions (no
-    re-rotation to cache-relative positions): the same choice as KVCache-Factory and kvpress.
+    No scores. With ``decode_budget`` the window rolls while generating. By default keys keep their original
+    positions (no re-rotation to cache-relative positions): the same choice as KVCache-Factory and kvpress. With
+    ``position_shift=True`` attention uses positions *inside the cache*, as in the StreamingLLM paper: slot ``i`` holds
+    a key rotated at position ``i`` (the kept keys are re-rotated after every eviction, new tokens are rotated to
+    their slot), so a model streams far past its ``max_position_embeddings``.
 
     Parameters
     ----------
@@ -25,11 +28,14 @@ class StreamingLLM(BudgetedCompressor):
         Initial tokens always kept (default 4).
     merge:
         ``None`` (drop), ``"pivot"`` or ``"weighted"``: fold evicted middle tokens into the most similar kept token.
+    position_shift:
+        Positions inside the cache (default False; RoPE models, unpadded batches).
     """
 
     name = "streamingllm"
     sink_size: int = 4
     merge: str | None = None
+    position_shift: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.sink_size, int) or self.sink_size < 0:

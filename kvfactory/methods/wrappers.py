@@ -115,6 +115,20 @@ class MethodWrapper(Compressor):
     def decode_attention_scores(self, weights: torch.Tensor) -> torch.Tensor:
         return self.inner.decode_attention_scores(weights)
 
+    @property
+    def needs_token_ids(self) -> bool:  # type: ignore[override]
+        return self.inner.needs_token_ids
+
+    def token_marks(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.inner.token_marks(token_ids)
+
+    @property
+    def position_shift(self) -> bool:
+        return self.inner.position_shift
+
+    def prepare(self, model: object) -> None:
+        self.inner.prepare(model)
+
     def token_scores(self, queries: torch.Tensor, keys: torch.Tensor,
                      prefill_attention: PrefillAttention | None = None) -> torch.Tensor:
         return self.inner.token_scores(queries, keys, prefill_attention)
