@@ -312,6 +312,7 @@ def patch(model: nn.Module, method: str | Compressor = "fullkv", **params: Any) 
     compressor = method_registry.wrap(method, **params) if isinstance(method, Compressor) else (
         method_registry.get(method, **params))
     handle = PatchHandle(model, compressor, adapter)
+    compressor.attach(handle)
     heads, head_dim = kv_shape(model.config)
     handle.storage = compressor.make_storage(ModelContext(
         handle.num_layers, heads, head_dim, next(model.parameters()).dtype, handle.rotate))

@@ -27,6 +27,15 @@ from kvfactory.methods.pyramidkv import PyramidKV
 from kvfactory.methods.random_selection import RandomSelection
 from kvfactory.methods.snapkv import SnapKV
 from kvfactory.methods.streamingllm import StreamingLLM
+# issue 17: the methods of 2025-26 papers (kvpress's list)
+from kvfactory.methods.chunkkv import ChunkKV
+from kvfactory.methods.criticalkv import CriticalKV
+from kvfactory.methods.duo_attention import DuoAttention
+from kvfactory.methods.expected_attention import ExpectedAttention
+from kvfactory.methods.keydiff import KeyDiff
+from kvfactory.methods.over_scorer import OverScorer
+from kvfactory.methods.simlayerkv import SimLayerKV
+from kvfactory.methods.tova import TOVA
 from kvfactory.methods.wrappers import (
     ChunkedPrefill, DecodingPolicy, HeadwiseAllocation, MethodWrapper, PerLayerBudget, Quantized,
 )
@@ -36,6 +45,9 @@ REGISTRY: dict[str, type[Compressor]] = {
     cls.name: cls
     for cls in (FullKV, RandomSelection, StreamingLLM, SnapKV, PyramidKV, H2O, L2Norm, CAM, AdaKV, AdaPyramidKV, HeadKV)
 }
+REGISTRY.update({cls.name: cls for cls in (  # issue 17
+    TOVA, ExpectedAttention, DuoAttention, CriticalKV, KeyDiff, ChunkKV, SimLayerKV,
+)})
 ALIASES = {"full": "fullkv", "streaming": "streamingllm", "ada-snapkv": "adakv"}
 # head-wise allocations that take scorer=: the method name -> the parameters that belong to the allocation
 ALLOCATIONS: dict[str, tuple[str, ...]] = {"adakv": ("floor_ratio", "normalize")}
@@ -74,7 +86,10 @@ def _build(name: str, params: dict[str, Any], extra_accepted: tuple[str, ...] = 
         )
     for key, value in params.items():
         _check_type(cls, key, value)
-    return cls(**params)
+    method = cls(**params)
+    if isinstance(method, OverScorer):  # CriticalKV, ChunkKV: a rule over another method's scores
+        method.bind_scorer(_build(method.base, dict(method.base_kwargs or {})))
+    return method
 
 
 def _matches(value: Any, hint: Any) -> bool | None:
@@ -181,3 +196,5 @@ __all__ = [
     "wrap", "AdaKV", "AdaPyramidKV", "BudgetedCompressor", "CAM", "HeadKV", "HeadwiseCompressor", "Compressor", "FullKV", "H2O", "Kept", "L2Norm", "PyramidKV", "RandomSelection",
     "Selection", "SnapKV", "StreamingLLM", "WindowedCompressor", "get", "method_class", "names", "parameters",
 ]
+__all__ += ["ChunkKV", "CriticalKV", "DuoAttention", "ExpectedAttention", "KeyDiff", "OverScorer", "SimLayerKV",
+            "TOVA"]  # issue 17

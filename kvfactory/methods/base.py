@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -219,6 +219,12 @@ class Compressor:
                            num_kv_heads: int) -> int:
         """Tokens the whole layer holds per sample at ``capacity`` (window included): ``Hkv · capacity``."""
         return num_kv_heads * capacity
+
+    # -- the model ----------------------------------------------------------------------------------------------
+    def attach(self, handle: Any) -> None:
+        """Called once by ``kvfactory.patch`` with the :class:`~kvfactory.patching.PatchHandle` (its ``model``,
+        ``attention_modules`` and ``rotate(layer_idx, states, positions, inverse)``), for methods that read model
+        weights or RoPE (CriticalKV's output projections, Expected Attention's rotary). Default: nothing."""
 
     # -- storage ------------------------------------------------------------------------------------------------
     def make_storage(self, context: ModelContext) -> StorageFactory:

@@ -122,6 +122,9 @@ class MethodWrapper(Compressor):
     def make_storage(self, context: ModelContext) -> StorageFactory:
         return self.inner.make_storage(context)
 
+    def attach(self, handle: Any) -> None:
+        self.inner.attach(handle)
+
     @property
     def prefill_chunk_size(self) -> int | None:
         return self.inner.prefill_chunk_size
