@@ -35,6 +35,7 @@ from kvfactory.methods.expected_attention import ExpectedAttention
 from kvfactory.methods.keydiff import KeyDiff
 from kvfactory.methods.over_scorer import OverScorer
 from kvfactory.methods.simlayerkv import SimLayerKV
+from kvfactory.methods.think import ThinK
 from kvfactory.methods.tova import TOVA
 from kvfactory.methods.wrappers import (
     ChunkedPrefill, DecodingPolicy, HeadwiseAllocation, MethodWrapper, PerLayerBudget, Quantized,
@@ -46,7 +47,7 @@ REGISTRY: dict[str, type[Compressor]] = {
     for cls in (FullKV, RandomSelection, StreamingLLM, SnapKV, PyramidKV, H2O, L2Norm, CAM, AdaKV, AdaPyramidKV, HeadKV)
 }
 REGISTRY.update({cls.name: cls for cls in (  # issue 17
-    TOVA, ExpectedAttention, DuoAttention, CriticalKV, KeyDiff, ChunkKV, SimLayerKV,
+    TOVA, ExpectedAttention, DuoAttention, CriticalKV, KeyDiff, ThinK, ChunkKV, SimLayerKV,
 )})
 ALIASES = {"full": "fullkv", "streaming": "streamingllm", "ada-snapkv": "adakv"}
 # head-wise allocations that take scorer=: the method name -> the parameters that belong to the allocation
@@ -89,6 +90,8 @@ def _build(name: str, params: dict[str, Any], extra_accepted: tuple[str, ...] = 
     method = cls(**params)
     if isinstance(method, OverScorer):  # CriticalKV, ChunkKV: a rule over another method's scores
         method.bind_scorer(_build(method.base, dict(method.base_kwargs or {})))
+    if isinstance(method, ThinK) and method.token_method is not None:  # ThinK over a token method
+        method.bind_token_method(_build(method.token_method, method.token_method_params()))
     return method
 
 
@@ -197,4 +200,4 @@ __all__ = [
     "Selection", "SnapKV", "StreamingLLM", "WindowedCompressor", "get", "method_class", "names", "parameters",
 ]
 __all__ += ["ChunkKV", "CriticalKV", "DuoAttention", "ExpectedAttention", "KeyDiff", "OverScorer", "SimLayerKV",
-            "TOVA"]  # issue 17
+            "ThinK", "TOVA"]  # issue 17
