@@ -76,10 +76,8 @@ def method_params(name: str, **params: object) -> dict[str, object]:
     if name == "think":  # a budget covering the prompt keeps every channel too
         params.setdefault("key_channel_compression_ratio", 0.0)
     if name == "duo_attention":  # its budget: streaming heads keep sink_size + recent_size (patterns estimated)
-        capacity = params.pop("max_capacity_prompt", None)
         params.pop("decode_budget", None)
-        if capacity is not None:
-            params.update(sink_size=4, recent_size=capacity - 4)
+        params.setdefault("sink_size", 4)
     return params
 
 

@@ -19,8 +19,9 @@ class ChunkKV(OverScorer):
 
     The sequence is cut into chunks of ``chunk_length`` tokens (the last one may be shorter). A chunk's score is the
     scorer's score (window at the top past score) summed over the KV heads and averaged over the chunk's tokens; the
-    best ``max(1, ⌊chunks · C / n⌋)`` chunks are kept whole, the same tokens for every KV head (at most ``C // chunk_length``
-    chunks when a short last chunk would push the count over ``C``). With no complete chunk the scorer selects alone.
+    best ``max(1, ⌊chunks · C / n⌋)`` chunks are kept whole, the same tokens for every KV head: with a short last
+    chunk left out this can exceed ``C`` by less than one chunk (kvpress's rule, kept). With no complete chunk the
+    scorer selects alone.
 
     Parameters
     ----------
@@ -61,9 +62,7 @@ class ChunkKV(OverScorer):
         if rest:
             chunk_scores = torch.cat([chunk_scores, summed[:, -rest:].mean(-1, keepdim=True)], dim=-1)
         chunks = complete + (rest > 0)
-        kept = max(1, chunks * capacity // n)
-        if kept * self.chunk_length > capacity:
-            kept = max(1, capacity // self.chunk_length)
+        kept = max(1, chunks * capacity // n)  # kvpress: int(chunks · (1 − ratio)), with 1 − ratio = C / n
         top = chunk_scores.topk(kept, dim=-1).indices  # (B, kept)
         positions = (top[..., None] * self.chunk_length + torch.arange(self.chunk_length, device=scores.device))
         positions = positions.flatten(1)

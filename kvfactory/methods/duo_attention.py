@@ -71,7 +71,9 @@ class DuoAttention(Compressor):
     attaches the method: kvpress's on-the-fly statistic (area under the last token's cumulated attention) on one
     forward of a fixed 500-token pseudo-random prompt.
 
-    This method's budget is ``head_compression_ratio`` with ``sink_size``/``recent_size`` (no ``max_capacity_prompt``).
+    This method's budget is ``head_compression_ratio`` with ``sink_size``/``recent_size``; ``max_capacity_prompt``
+    (what the runners pass as ``--max_capacity_prompts``), when given, is a streaming head's whole budget:
+    ``recent_size = max_capacity_prompt − sink_size`` (``sink_size`` becomes ``C // 4`` when ``C <= sink_size``).
 
     Parameters
     ----------
@@ -87,6 +89,8 @@ class DuoAttention(Compressor):
         Head scores ``(L, Hkv)`` (default None).
     compress_interval:
         Decoded tokens between re-trims of the streaming heads (default 64).
+    max_capacity_prompt:
+        Tokens a streaming head keeps, sinks included (default None: ``sink_size + recent_size``).
     """
 
     name = "duo_attention"
@@ -97,8 +101,16 @@ class DuoAttention(Compressor):
     pattern_path: str | None = None
     head_scores: list[list[float]] | None = field(default=None, repr=False)
     compress_interval: int = 64
+    max_capacity_prompt: int | None = None
 
     def __post_init__(self) -> None:
+        if self.max_capacity_prompt is not None:
+            if not isinstance(self.max_capacity_prompt, int) or self.max_capacity_prompt < 2:
+                raise ValueError(f"duo_attention: max_capacity_prompt={self.max_capacity_prompt!r} (a streaming head's "
+                                 f"tokens) must be an integer of at least 2")
+            if self.max_capacity_prompt <= self.sink_size:  # a small budget: a quarter of it for the sinks
+                self.sink_size = self.max_capacity_prompt // 4 or 1
+            self.recent_size = self.max_capacity_prompt - self.sink_size
         if not 0 <= self.head_compression_ratio <= 1:
             raise ValueError(f"duo_attention: head_compression_ratio must be in [0, 1], got {self.head_compression_ratio!r}")
         for name in ("sink_size", "recent_size", "compress_interval"):
