@@ -51,8 +51,9 @@ def test_every_method_generates_like_fullkv_when_budget_covers_prompt(arch: str,
 
 
 # budgets that are not a per-layer token count while decoding (tests/test_frontier_methods.py covers them): Quest
-# keeps everything, SimLayerKV trims lazy layers only, DuoAttention trims streaming heads only
-CONDITIONAL_DECODE_BUDGET = ("quest", "simlayerkv", "duo_attention")
+# keeps everything, SimLayerKV trims lazy layers only, DuoAttention trims streaming heads only, KVzip compresses the
+# context once
+CONDITIONAL_DECODE_BUDGET = ("quest", "simlayerkv", "duo_attention", "kvzip")
 
 
 @pytest.mark.parametrize("name", [name for name in BUDGETED if name not in CONDITIONAL_DECODE_BUDGET])

@@ -5,7 +5,7 @@ Two kinds of reference: a naive one (explicit loops, ``repeat_kv`` by hand, full
 kvpress also has, a re-implementation of kvpress's documented algorithm at kvpress's own settings (a compression
 ratio, its score conventions), written from these files of NVIDIA/kvpress (read, not copied):
 ``kvpress/presses/tova_press.py``, ``keydiff_press.py``, ``expected_attention_press.py``, ``criticalkv_press.py``,
-``chunkkv_press.py``, ``simlayerkv_press.py``, ``duo_attention_press.py``, ``think_press.py`` and
+``chunkkv_press.py``, ``simlayerkv_press.py``, ``kvzip_press.py``, ``duo_attention_press.py``, ``think_press.py`` and
 ``snapkv_press.py`` (``compute_window_attention``). kvpress masks or zeroes where kvfactory frees (docs/methods.md).
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from tests.conftest import method_params, tiny_model
 
 B, HQ, HKV, N, D = 2, 4, 2, 60, 16
 GROUPS = HQ // HKV
-NEW = ["tova", "expected_attention", "duo_attention", "criticalkv", "keydiff", "think", "quest", "chunkkv",
+NEW = ["tova", "expected_attention", "kvzip", "duo_attention", "criticalkv", "keydiff", "think", "quest", "chunkkv",
        "simlayerkv"]
 
 
@@ -408,6 +408,43 @@ def test_quest_keeps_everything_and_reads_less_while_decoding() -> None:
     assert cache.stores[1].last_read_bytes < 0.7 * cache.stores[1].full_read_bytes
     with pytest.raises(ValueError, match="decode_budget"):
         methods.get("quest", decode_budget=64)
+
+
+# ----------------------------------------------------------------------------------------------------------- KVzip
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_kvzip_keeps_what_reconstruction_attends_to(layerwise: bool) -> None:
+    """kvpress's KVzipPress on one chunk (no tokenizer: the repeat pass is the context itself): the score of context
+    token j is the max over the repeat queries and the KV head's query group of their causal attention to j (the
+    first 4 tokens score 1); the model keeps the top L · Hkv · C scores (``layerwise``: Hkv · C per layer). The
+    reference reads the attention of one unpatched eager forward over context + repeat, which is what the scratch
+    cache and the repeat pass compute."""
+    model = tiny_model("llama", "eager")
+    n, capacity = 40, 12
+    ids = torch.randint(3, 100, (1, n), generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        attentions = model(torch.cat([ids, ids], dim=1), output_attentions=True).attentions
+    scores = []
+    for attention in attentions:  # (1, Hq, 2n, 2n)
+        rows = attention[0, :, n:, :n]  # repeat queries over the context
+        per_kv = torch.stack([rows[h * GROUPS : (h + 1) * GROUPS].amax(dim=(0, 1)) for h in range(HKV)])
+        per_kv[:, :4] = 1.0
+        scores.append(per_kv)
+    scores = torch.stack(scores)  # (L, Hkv, n)
+    if layerwise:
+        expected = [[set(scores[l, h].topk(0).indices.tolist()) for h in range(HKV)] for l in range(2)]
+        flat = scores.flatten(1).topk(HKV * capacity, dim=-1).indices
+        expected = [[{int(i) % n for i in flat[l] if int(i) // n == h} for h in range(HKV)] for l in range(2)]
+    else:
+        flat = scores.flatten().topk(2 * HKV * capacity).indices.tolist()
+        expected = [[{i % n for i in flat if i // n == l * HKV + h} for h in range(HKV)] for l in range(2)]
+    with kvfactory.patch(model, "kvzip", max_capacity_prompt=capacity, layerwise=layerwise) as handle, \
+            torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+    got = [[{p for p in cache.kept_positions(l)[0, h].tolist() if p >= 0} for h in range(HKV)] for l in range(2)]
+    assert got == expected
+    assert sum(len(s) for row in got for s in row) == 2 * HKV * capacity  # the model-wide (or per-layer) budget
+    with pytest.raises(ValueError, match="reconstructing"):
+        methods.get("kvzip").select_mask(*[torch.randn(1, 2, 8, 4)] * 3)
 
 
 # ------------------------------------------------------------------------------------ every new method, end to end

@@ -34,6 +34,7 @@ from kvfactory.methods.duo_attention import DuoAttention
 from kvfactory.methods.expected_attention import ExpectedAttention
 from kvfactory.methods.keydiff import KeyDiff
 from kvfactory.methods.over_scorer import OverScorer
+from kvfactory.methods.kvzip import KVzip
 from kvfactory.methods.quest import Quest
 from kvfactory.methods.simlayerkv import SimLayerKV
 from kvfactory.methods.think import ThinK
@@ -48,7 +49,7 @@ REGISTRY: dict[str, type[Compressor]] = {
     for cls in (FullKV, RandomSelection, StreamingLLM, SnapKV, PyramidKV, H2O, L2Norm, CAM, AdaKV, AdaPyramidKV, HeadKV)
 }
 REGISTRY.update({cls.name: cls for cls in (  # issue 17
-    TOVA, ExpectedAttention, DuoAttention, CriticalKV, KeyDiff, ThinK, Quest, ChunkKV, SimLayerKV,
+    TOVA, ExpectedAttention, KVzip, DuoAttention, CriticalKV, KeyDiff, ThinK, Quest, ChunkKV, SimLayerKV,
 )})
 ALIASES = {"full": "fullkv", "streaming": "streamingllm", "ada-snapkv": "adakv"}
 # head-wise allocations that take scorer=: the method name -> the parameters that belong to the allocation
@@ -200,5 +201,5 @@ __all__ = [
     "wrap", "AdaKV", "AdaPyramidKV", "BudgetedCompressor", "CAM", "HeadKV", "HeadwiseCompressor", "Compressor", "FullKV", "H2O", "Kept", "L2Norm", "PyramidKV", "RandomSelection",
     "Selection", "SnapKV", "StreamingLLM", "WindowedCompressor", "get", "method_class", "names", "parameters",
 ]
-__all__ += ["ChunkKV", "CriticalKV", "DuoAttention", "ExpectedAttention", "KeyDiff", "OverScorer", "Quest", "SimLayerKV",
+__all__ += ["ChunkKV", "CriticalKV", "DuoAttention", "ExpectedAttention", "KeyDiff", "KVzip", "OverScorer", "Quest", "SimLayerKV",
             "ThinK", "TOVA"]  # issue 17

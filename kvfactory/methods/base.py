@@ -157,6 +157,9 @@ class Compressor:
         return reduce_groups(weights.sum(dim=3), "mean")
 
     uses_prefill_attention: ClassVar[bool] = False  # whether select reads the prefill attention's lse/column sums
+    # whether the patched model runs the method's context-reconstruction passes before the prefill (KVzip: the
+    # method then offers reconstruction_passes, begin_sample, observe, end_sample)
+    reconstructs_context: ClassVar[bool] = False
 
     def token_scores(self, queries: torch.Tensor, keys: torch.Tensor,
                      prefill_attention: PrefillAttention | None = None) -> torch.Tensor:

@@ -62,6 +62,10 @@ class MethodWrapper(Compressor):
     def uses_prefill_attention(self) -> bool:  # type: ignore[override]
         return self.inner.uses_prefill_attention
 
+    @property
+    def reconstructs_context(self) -> bool:  # type: ignore[override]
+        return self.inner.reconstructs_context
+
     def capacity(self, layer_idx: int, num_layers: int, seq_len: int, budget: int | None = None) -> int:
         return self.inner.capacity(layer_idx, num_layers, seq_len, budget)
 
