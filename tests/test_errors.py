@@ -12,7 +12,7 @@ from tests.conftest import tiny_model
 
 
 def test_unknown_method_lists_the_accepted_ones() -> None:
-    with pytest.raises(ValueError, match="unknown method 'snapkvv'.*accepted methods: ada-pyramidkv, adakv, cam, fullkv"):
+    with pytest.raises(ValueError, match="unknown method 'snapkvv'.*accepted methods: ada-pyramidkv, adakv, cam, .*fullkv"):
         methods.get("snapkvv")
     with pytest.raises(ValueError, match="unknown method"):
         kvfactory.patch(tiny_model("llama"), "nope")
