@@ -298,7 +298,15 @@ def test_duo_attention_patterns_from_a_file_or_estimated(tmp_path) -> None:
     method = methods.get("duo_attention", pattern_path=str(tmp_path / "full_attention_heads.tsv"))
     assert method.head_scores == [[0.9, 0.0], [0.4, 1.0]]  # clipped to [0, 1] as DuoAttention does
     assert method.streaming_mask().tolist() == [[False, True], [True, False]]
+    import json
+
+    heads = {f"{layer}-{head}": [0.1 * (layer * 4 + head)] for layer in range(2) for head in range(4)}
+    (tmp_path / "heads.json").write_text(json.dumps(heads))  # kvfactory.retrieval_heads' format, query heads
     model = tiny_model("llama")
+    with kvfactory.patch(model, "duo_attention", pattern_path=str(tmp_path / "heads.json")) as handle:
+        assert torch.allclose(torch.tensor(handle.method.head_scores),  # query heads averaged per KV head
+                              torch.tensor([[0.05, 0.25], [0.45, 0.65]]))
+        assert handle.method.streaming_mask().tolist() == [[True, True], [False, False]]
     with kvfactory.patch(model, "duo_attention") as handle:
         assert len(handle.method.head_scores) == 2 and len(handle.method.head_scores[0]) == 2
     with pytest.raises(ValueError, match="another model"):
