@@ -95,6 +95,8 @@ class PatchHandle:
         self._step: _Step | None = None
         self._undo: list[Callable[[], None]] = []
         self._removed = False
+        self._observer: Callable[[int, torch.Tensor, CompressedCache], None] | None = None
+        self._reconstructing = False
 
     # -- used by the adapters' forwards -------------------------------------------------------------------------
     @property
@@ -120,7 +122,10 @@ class PatchHandle:
             position_ids = torch.arange(seen, seen + n, device=keys.device)[None]
         positions = position_ids.to(keys.device).expand(batch, n)
         if cache is not None:
-            return cache.forward_layer(layer_idx, queries, keys, values, positions)
+            output = cache.forward_layer(layer_idx, queries, keys, values, positions)
+            if self._observer is not None:  # a context-reconstruction pass (KVzip) watches its queries
+                self._observer(layer_idx, queries, cache)
+            return output
         valid = None if self._step is None or self._step.valid is None else self._step.valid.to(keys.device)
         spec = self.spec
         if spec.sliding_window is not None and n <= spec.sliding_window:  # no cache: positions below n
@@ -207,6 +212,9 @@ class PatchHandle:
             if cache is not None:
                 arguments["past_key_values"] = cache
             valid = self._new_token_validity(arguments.get("attention_mask"), new_tokens)
+            if (cache is not None and cache.get_seq_length() == 0 and self.method.reconstructs_context
+                    and not self._reconstructing):
+                self._reconstruct(forward, arguments.get("input_ids"), valid)
             chunk = self.method.prefill_chunk_size
             if chunk is not None and cache is not None and cache.get_seq_length() == 0 and new_tokens > chunk:
                 return self._prefill_in_chunks(forward, arguments, extra, cache, valid, chunk)
@@ -221,6 +229,35 @@ class PatchHandle:
             return output
 
         return forward
+
+    def _reconstruct(self, forward: Callable[..., Any], input_ids: torch.Tensor | None,
+                     valid: torch.Tensor | None) -> None:
+        """Score each sample's context by reconstruction before its prefill (methods with ``reconstructs_context``,
+        KVzip): the context into a scratch full cache, then each repeat pass over it, its queries handed to the
+        method's ``observe``; the scratch cache is dropped afterwards."""
+        if input_ids is None:
+            raise ValueError(f"{self.method.name} reconstructs the context from its token ids: pass input_ids")
+        method = self.method
+        heads = kv_shape(self.model.config)[0]
+        self._reconstructing = True
+        try:
+            for b in range(input_ids.shape[0]):
+                row = input_ids[b] if valid is None else input_ids[b][valid[b].to(input_ids.device)]
+                scratch = CompressedCache(method_registry.get("fullkv"), self.num_layers, self.spec)
+                method.begin_sample(self.num_layers, heads, row.shape[0], row.device)
+                with torch.no_grad():
+                    forward(input_ids=row[None], past_key_values=scratch, use_cache=True)
+                    mark = scratch.mark()
+                    for start, end, repeat in method.reconstruction_passes(row):
+                        self._observer = lambda layer, queries, cache, start=start, end=end: method.observe(
+                            layer, queries, cache[layer][0], start, end)
+                        forward(input_ids=repeat[None], past_key_values=scratch, use_cache=True)
+                        self._observer = None
+                        scratch.rollback(mark)
+                method.end_sample(method.capacity(0, self.num_layers, row.shape[0]))
+        finally:
+            self._observer = None
+            self._reconstructing = False
 
     @staticmethod
     def _prefill_in_chunks(forward: Callable[..., Any], arguments: dict[str, Any], extra: dict[str, Any],
@@ -326,8 +363,8 @@ def patch(model: nn.Module, method: str | Compressor = "fullkv", **params: Any) 
         raise ValueError("this model is already patched; call remove() on its handle first")
     compressor = method_registry.wrap(method, **params) if isinstance(method, Compressor) else (
         method_registry.get(method, **params))
-    compressor.prepare(model)
     handle = PatchHandle(model, compressor, adapter)
+    compressor.attach(handle)
     heads, head_dim = kv_shape(model.config)
     handle.storage = compressor.make_storage(ModelContext(
         handle.num_layers, heads, head_dim, next(model.parameters()).dtype, handle.rotate))

@@ -74,6 +74,11 @@ def method_params(name: str, **params: object) -> dict[str, object]:
     if name == "headkv":
         params.setdefault("head_scores", synthetic_head_scores())
     params.update(predecessor_params(name))
+    if name == "think":  # a budget covering the prompt keeps every channel too
+        params.setdefault("key_channel_compression_ratio", 0.0)
+    if name == "duo_attention":  # its budget: streaming heads keep sink_size + recent_size (patterns estimated)
+        params.pop("decode_budget", None)
+        params.setdefault("sink_size", 4)
     return params
 
 

@@ -50,7 +50,13 @@ def test_every_method_generates_like_fullkv_when_budget_covers_prompt(arch: str,
         assert torch.equal(greedy(model, ids, 10), expected)
 
 
-@pytest.mark.parametrize("name", BUDGETED)
+# budgets that are not a per-layer token count while decoding (tests/test_frontier_methods.py covers them): Quest
+# keeps everything, SimLayerKV trims lazy layers only, DuoAttention trims streaming heads only, KVzip compresses the
+# context once
+CONDITIONAL_DECODE_BUDGET = ("quest", "simlayerkv", "duo_attention", "kvzip")
+
+
+@pytest.mark.parametrize("name", [name for name in BUDGETED if name not in CONDITIONAL_DECODE_BUDGET])
 def test_decode_budget_holds_after_50_tokens(name: str) -> None:
     model = tiny_model("llama")
     params = method_params(name, max_capacity_prompt=20, decode_budget=24)

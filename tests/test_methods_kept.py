@@ -186,8 +186,10 @@ def test_budget_at_or_above_prompt_evicts_nothing(qkv) -> None:
         params = {} if name == "fullkv" else method_params(name, max_capacity_prompt=N)
         if name == "headkv":
             params["head_scores"] = synthetic_head_scores(layers=4)
+        if name == "duo_attention":
+            params["head_scores"] = [[0.1, 0.9]] * 4
         keys, values = methods.get(name, **params).compress(q, k, v, layer_idx=3, num_layers=4)
-        if isinstance(methods.get(name, **params), methods.HeadwiseCompressor):  # flat (N, d), head after head
+        if methods.get(name, **params).layout == "ragged":  # flat (N, d), head after head
             keys, values = keys.view(k.shape), values.view(v.shape)
         assert torch.equal(keys, k) and torch.equal(values, v), name
 

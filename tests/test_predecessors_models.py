@@ -4,6 +4,7 @@ says it needs one), and every name compresses a 1,200-token prompt on the embedd
 from __future__ import annotations
 
 import importlib.util
+import types
 
 import pytest
 import torch
@@ -61,7 +62,7 @@ def test_every_predecessor_compresses_a_1200_token_prompt_on_smollm2_with_its_de
     assert {tokenizer.convert_tokens_to_ids(t) for t in (".", ",", "Ċ")} <= found  # "Ċ" is the newline byte
     for name in PREDECESSORS:  # the defaults' budgets on a 1,200-token prompt, every layer (no forward: CPU is scarce)
         method = kvfactory.methods.get(name)
-        method.prepare(model)  # sepllm & co.: the separators of the checkpoint's own tokenizer
+        method.attach(types.SimpleNamespace(model=model))  # sepllm & co.: the checkpoint's own tokenizer's separators
         kept = [method.capacity(layer, 30, 1200) for layer in range(30)]
         assert sum(kept) < 1200 * 30 and min(kept) >= 1, (name, kept)
     ids = torch.randint(100, 20000, (1, 1200), generator=torch.Generator().manual_seed(0))

@@ -37,6 +37,18 @@ from kvfactory.methods.recent_only import RecentOnly
 from kvfactory.methods.sepllm import SepLLM
 from kvfactory.methods.snapkv_lite import SnapKVLite
 from kvfactory.methods.unified import LazyUnified, Unified
+# issue 17: the methods of 2025-26 papers (kvpress's list)
+from kvfactory.methods.chunkkv import ChunkKV
+from kvfactory.methods.criticalkv import CriticalKV
+from kvfactory.methods.duo_attention import DuoAttention
+from kvfactory.methods.expected_attention import ExpectedAttention
+from kvfactory.methods.keydiff import KeyDiff
+from kvfactory.methods.over_scorer import OverScorer
+from kvfactory.methods.kvzip import KVzip
+from kvfactory.methods.quest import Quest
+from kvfactory.methods.simlayerkv import SimLayerKV
+from kvfactory.methods.think import ThinK
+from kvfactory.methods.tova import TOVA
 from kvfactory.methods.wrappers import (
     ChunkedPrefill, DecodingPolicy, HeadwiseAllocation, MethodWrapper, PerLayerBudget, Quantized,
 )
@@ -49,6 +61,9 @@ REGISTRY: dict[str, type[Compressor]] = {
 # the predecessors' methods (streaming project, KVPress-style experiment, kvcompress): docs/predecessors.md
 REGISTRY.update({cls.name: cls for cls in (SepLLM, Unified, LazyUnified, LazyH2O, LagKV, KNorm, FixSizeL2, H2OL2,
                                            SnapKVLite, AdaptiveL2, RecentOnly)})
+REGISTRY.update({cls.name: cls for cls in (  # issue 17
+    TOVA, ExpectedAttention, KVzip, DuoAttention, CriticalKV, KeyDiff, ThinK, Quest, ChunkKV, SimLayerKV,
+)})
 ALIASES = {"full": "fullkv", "streaming": "streamingllm", "ada-snapkv": "adakv"}
 # head-wise allocations that take scorer=: the method name -> the parameters that belong to the allocation
 ALLOCATIONS: dict[str, tuple[str, ...]] = {"adakv": ("floor_ratio", "normalize")}
@@ -87,7 +102,12 @@ def _build(name: str, params: dict[str, Any], extra_accepted: tuple[str, ...] = 
         )
     for key, value in params.items():
         _check_type(cls, key, value)
-    return cls(**params)
+    method = cls(**params)
+    if isinstance(method, OverScorer):  # CriticalKV, ChunkKV: a rule over another method's scores
+        method.bind_scorer(_build(method.base, dict(method.base_kwargs or {})))
+    if isinstance(method, ThinK) and method.token_method is not None:  # ThinK over a token method
+        method.bind_token_method(_build(method.token_method, method.token_method_params()))
+    return method
 
 
 def _matches(value: Any, hint: Any) -> bool | None:
@@ -196,3 +216,5 @@ __all__ = [
 ]
 __all__ += ["AdaptiveL2", "FixSizeL2", "H2OL2", "KNorm", "LagKV", "LazyH2O", "LazyUnified", "RecentOnly", "SepLLM",
             "SnapKVLite", "Unified"]
+__all__ += ["ChunkKV", "CriticalKV", "DuoAttention", "ExpectedAttention", "KeyDiff", "KVzip", "OverScorer", "Quest", "SimLayerKV",
+            "ThinK", "TOVA"]  # issue 17

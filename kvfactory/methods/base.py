@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -167,6 +167,9 @@ class Compressor:
         return reduce_groups(weights.sum(dim=3), "mean")
 
     uses_prefill_attention: ClassVar[bool] = False  # whether select reads the prefill attention's lse/column sums
+    # whether the patched model runs the method's context-reconstruction passes before the prefill (KVzip: the
+    # method then offers reconstruction_passes, begin_sample, observe, end_sample)
+    reconstructs_context: ClassVar[bool] = False
 
     # -- token identities and positions (streaming methods) ------------------------------------------------------
     needs_token_ids: ClassVar[bool] = False  # whether the cache feeds token_marks of every token (SepLLM)
@@ -181,9 +184,6 @@ class Compressor:
         """Whether attention uses positions inside the cache (StreamingLLM's rolling positions): the cache then keeps
         slot ``i``'s key rotated at position ``i`` and re-rotates the kept keys after every eviction."""
         return False
-
-    def prepare(self, model: object) -> None:
-        """Called once by ``kvfactory.patch`` with the model (SepLLM finds its separators in the model's tokenizer)."""
 
     def token_scores(self, queries: torch.Tensor, keys: torch.Tensor,
                      prefill_attention: PrefillAttention | None = None) -> torch.Tensor:
@@ -246,6 +246,13 @@ class Compressor:
                            num_kv_heads: int) -> int:
         """Tokens the whole layer holds per sample at ``capacity`` (window included): ``Hkv · capacity``."""
         return num_kv_heads * capacity
+
+    # -- the model ----------------------------------------------------------------------------------------------
+    def attach(self, handle: Any) -> None:
+        """Called once by ``kvfactory.patch`` with the :class:`~kvfactory.patching.PatchHandle` (its ``model``,
+        ``attention_modules`` and ``rotate(layer_idx, states, positions, inverse)``), for methods that read model
+        weights, RoPE or the tokenizer (CriticalKV's output projections, Expected Attention's rotary, SepLLM's separators).
+        Default: nothing."""
 
     # -- storage ------------------------------------------------------------------------------------------------
     def make_storage(self, context: ModelContext) -> StorageFactory:

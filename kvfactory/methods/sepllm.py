@@ -42,7 +42,7 @@ def tokenizer_of(model: Any, method: str) -> Any:
 @dataclass(kw_only=True)
 class SeparatorTokens:
     """Which tokens are separators: found in a tokenizer's vocabulary (``tokenizer=`` or the model's own, loaded from
-    its checkpoint folder by ``prepare``) or given as ``separator_ids``."""
+    its checkpoint folder by ``attach``, when ``kvfactory.patch`` runs) or given as ``separator_ids``."""
 
     separators: str = SEPARATORS
     separator_ids: list[int] | None = None
@@ -52,9 +52,11 @@ class SeparatorTokens:
         if self.separator_ids is None and self.tokenizer is not None:
             self.separator_ids = separator_ids(self.tokenizer, self.separators)
 
-    def prepare(self, model: object) -> None:
+    def attach(self, handle: Any) -> None:
+        """Called by ``kvfactory.patch``: without ``separator_ids``, find them in the tokenizer of the checkpoint the
+        model was loaded from (``handle.model``)."""
         if self.separator_ids is None:
-            self.separator_ids = separator_ids(tokenizer_of(model, self.name), self.separators)  # type: ignore[attr-defined]
+            self.separator_ids = separator_ids(tokenizer_of(handle.model, self.name), self.separators)  # type: ignore[attr-defined]
             logger.info("%s: %d separator tokens", self.name, len(self.separator_ids))  # type: ignore[attr-defined]
 
     def is_separator(self, token_ids: torch.Tensor) -> torch.Tensor:

@@ -62,6 +62,10 @@ class MethodWrapper(Compressor):
     def uses_prefill_attention(self) -> bool:  # type: ignore[override]
         return self.inner.uses_prefill_attention
 
+    @property
+    def reconstructs_context(self) -> bool:  # type: ignore[override]
+        return self.inner.reconstructs_context
+
     def capacity(self, layer_idx: int, num_layers: int, seq_len: int, budget: int | None = None) -> int:
         return self.inner.capacity(layer_idx, num_layers, seq_len, budget)
 
@@ -126,15 +130,15 @@ class MethodWrapper(Compressor):
     def position_shift(self) -> bool:
         return self.inner.position_shift
 
-    def prepare(self, model: object) -> None:
-        self.inner.prepare(model)
-
     def token_scores(self, queries: torch.Tensor, keys: torch.Tensor,
                      prefill_attention: PrefillAttention | None = None) -> torch.Tensor:
         return self.inner.token_scores(queries, keys, prefill_attention)
 
     def make_storage(self, context: ModelContext) -> StorageFactory:
         return self.inner.make_storage(context)
+
+    def attach(self, handle: Any) -> None:
+        self.inner.attach(handle)
 
     @property
     def prefill_chunk_size(self) -> int | None:

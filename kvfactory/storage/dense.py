@@ -100,7 +100,7 @@ class DenseStore(SlotReads):
         first = rows[0].keys
         batch, heads, head_dim = len(rows), first.shape[1], first.shape[-1]
         keys = first.new_zeros(batch, heads, longest, head_dim)
-        values = torch.zeros_like(keys)
+        values = first.new_zeros(batch, heads, longest, rows[0].values.shape[-1])  # ThinK: keys may be thinner
         positions = torch.full((batch, heads, longest), -1, dtype=torch.int32, device=first.device)
         valid = torch.zeros(batch, longest, dtype=torch.bool, device=first.device)
         extras = {name: first.new_zeros(batch, heads, longest, dtype=torch.float32) for name in rows[0].extras}
