@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from kvfactory.attention import AttentionSpec, build_mask
-from kvfactory.storage.dense import DenseStore, StoreRow, attend_slots
+from kvfactory.storage.dense import DenseStore, StoreRow
 
 
 def page_upper_bounds(queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | None, page_size: int
@@ -58,7 +58,8 @@ class PagedReadStore(DenseStore):
         chosen = self.token_budget // self.page_size
         if not self.active or n != 1 or chosen >= pages:
             self.last_read_bytes = self.full_read_bytes
-            return attend_slots(self, queries, spec, query_valid, query_positions, need_weights)
+            return super().attend(queries, spec, query_valid=query_valid, query_positions=query_positions,
+                                  need_weights=need_weights)
         groups = num_q_heads // heads
         mask = build_mask(batch, n, total, keys.device, key_valid=self.valid, query_valid=query_valid,
                           sliding_window=spec.sliding_window, query_positions=query_positions,
