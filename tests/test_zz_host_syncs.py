@@ -7,6 +7,9 @@ finish every queued kernel: once per layer, such a call serializes a decode step
 ``torch.cuda.set_sync_debug_mode`` reports them on a GPU; on CPU (CI) :func:`count_host_syncs` emulates it by
 wrapping those entry points and recording each call made from kvfactory's own code (the first frame outside torch),
 so a test can assert that a decode step makes none.
+
+Named to run last: after these tests transformers' beam search fails in the same process (``len() of a 0-d
+tensor``) although every wrapped attribute is restored; not found in the time (issue 19, open).
 """
 from __future__ import annotations
 
@@ -60,7 +63,7 @@ def count_host_syncs() -> Iterator[Counter]:
 
     def wrap(owner: object, name: str, condition=None) -> None:
         original = getattr(owner, name)
-        originals[(owner, name)] = original
+        originals[(owner, name)] = original if name in vars(owner) else None  # None: inherited, delete to restore
 
         def wrapper(*args, **kwargs):
             if condition is None or condition(*args, **kwargs):
@@ -83,7 +86,10 @@ def count_host_syncs() -> Iterator[Counter]:
         yield calls
     finally:
         for (owner, name), original in originals.items():
-            setattr(owner, name, original)
+            if original is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, original)
 
 
 def kvfactory_syncs(calls: Counter) -> dict[str, int]:
