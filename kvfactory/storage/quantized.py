@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from kvfactory.attention import AttentionSpec
+from kvfactory.kernels import decode
 from kvfactory.quant.base import EncodedTensor, KVQuantizer, LayerRotary
 from kvfactory.storage.base import MaskedPart, Rotary, ragged_from_parts
 from kvfactory.storage.dense import DenseStore, StoreRow, attend_slots, mean_kept
@@ -142,7 +143,12 @@ class QuantizedStore:
     def attend(self, queries: torch.Tensor, spec: AttentionSpec, *, query_valid: torch.Tensor | None = None,
                query_positions: torch.Tensor | None = None, need_weights: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Attention over the dequantized blocks and the residual (nothing dequantized is kept)."""
+        """Attention over the blocks and the residual: decoding reads the packed codes directly when the fused
+        kernel covers the case (:mod:`kvfactory.kernels.decode`), else over the dequantized blocks (nothing
+        dequantized is kept)."""
+        fused = decode.quantized_store_attend(self, queries, spec, query_valid, need_weights)
+        if fused is not None:
+            return fused, None
         return attend_slots(self, queries, spec, query_valid, query_positions, need_weights)
 
     def _dense_view(self) -> DenseStore:
