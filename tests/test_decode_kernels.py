@@ -105,7 +105,7 @@ def test_quantized_store_decodes_through_the_kernel(decode_kernels, monkeypatch:
     """Several blocks (appended while decoding) and the residual, one new token then three."""
     store = quantized_store(4, 1000, q_group_size=32, quant_residual_length=64)
     generator = torch.Generator().manual_seed(3)
-    for nq in (1, 1, 40, 1, 3):  # the 40-token chunk moves residual groups into a new block on the next append
+    for nq in (1, 60, 1, 3):  # after the 60-token chunk the next append moves residual groups into a new block
         store.append(*cache_states(1, 3, nq, 64, seed=nq + store.length), torch.arange(nq)[None] + store.length)
     assert len(store.blocks) >= 2 and store.residual.length >= 3
     queries = torch.randn(1, 9, 3, 64, generator=generator)

@@ -101,89 +101,111 @@ float exp_in_place(float* row, int64_t length, float shift) {
   return total;
 }
 
-inline float dot(const float* a, const float* b, int64_t n) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
 inline void axpy(float* y, const float* x, float w, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] += w * x[i];
 }
 
-// codes of one packed row, slot-major and centred: out[slot * W + j] = code of channel per_byte * j + slot minus
-// the middle level (2^b - 1) / 2. Centred codes keep the running sums free of the systematic offset that
-// min-based zero-points would add (sum_t p_t z_t and sum_t p_t s_t code_t are both large and nearly cancel; centred,
-// the zero term is the group's mid-range value and the code term is symmetric), which costs fp32 precision.
-inline void unpack_row(const uint8_t* packed, int64_t nbits, int64_t width, float* out) {
+// The Fortran BLAS sgemm PyTorch links in (as causal_attention_column_sums.cpp): column-major
+// C (m x n) = alpha * op(A) * op(B) + beta * C.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc);
+
+void gemm(char transa, char transb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+          const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  const int im = static_cast<int>(m), in = static_cast<int>(n), ik = static_cast<int>(k);
+  const int ilda = static_cast<int>(lda), ildb = static_cast<int>(ldb), ildc = static_cast<int>(ldc);
+  sgemm_(&transa, &transb, &im, &in, &ik, &alpha, a, &ilda, b, &ildb, &beta, c, &ildc);
+}
+
+// Tokens unpacked at once: their codes, as floats, stay in L1/L2 (tile_tokens * head_dim floats).
+constexpr int64_t kTileTokens = 128;
+
+// Unpacks `tokens` consecutive packed rows (tokens x width bytes, contiguous) into per_byte slot planes, each
+// (tokens x width) floats row-major: plane[slot][t * width + j] = code of channel per_byte * j + slot of token t,
+// minus the middle level (2^b - 1) / 2. Centred codes keep the running sums free of the systematic offset that
+// min-based zero-points add (sum_t p_t z_t and sum_t p_t s_t code_t would both be large and nearly cancel, which
+// costs fp32 precision); the zero term becomes the group's mid-range value. One long loop per slot: vectorized.
+void unpack_tile(const uint8_t* packed, int64_t tokens, int64_t nbits, int64_t width, float* planes) {
   const float middle = static_cast<float>((1 << nbits) - 1) * 0.5f;
+  const int64_t total = tokens * width;
   if (nbits == 8) {
 #pragma omp simd
-    for (int64_t j = 0; j < width; ++j) out[j] = static_cast<float>(packed[j]) - middle;
+    for (int64_t i = 0; i < total; ++i) planes[i] = static_cast<float>(packed[i]) - middle;
     return;
   }
   const int per_byte = 8 / static_cast<int>(nbits);
   const unsigned mask = (1u << nbits) - 1u;
   for (int slot = 0; slot < per_byte; ++slot) {
     const int shift = slot * static_cast<int>(nbits);
-    float* dst = out + slot * width;
+    float* dst = planes + slot * total;
 #pragma omp simd
-    for (int64_t j = 0; j < width; ++j) dst[j] = static_cast<float>((packed[j] >> shift) & mask) - middle;
+    for (int64_t i = 0; i < total; ++i) dst[i] = static_cast<float>((packed[i] >> shift) & mask) - middle;
   }
 }
 
 // channel of slot-major index i
 inline int64_t channel_of(int64_t i, int64_t per_byte, int64_t width) { return (i % width) * per_byte + i / width; }
 
+// Masks the logits (rows x count) of tokens a row must not see: invalid ones, and causality among the new tokens.
+void mask_logits(const Shape& s, const Source& src, float* logits) {
+  const int64_t count = src.count;
+  for (const auto t : c10::irange(count)) {
+    const bool invalid = src.valid && !src.valid[t * src.valid_stride];
+    if (!invalid && src.first + t <= src.causal_base) continue;  // visible to every new token
+    for (const auto r : c10::irange(s.rows)) {
+      if (invalid || src.first + t > src.causal_base + r % s.nq) logits[r * count + t] = kNegInf;
+    }
+  }
+}
+
 // Attends one chunk: writes m (rows), l (rows) and acc (rows x d, natural channel order).
 void attend_chunk(const Shape& s, const Source& src, const float* q, float* m, float* l, float* acc,
                   std::vector<float>& logits, std::vector<float>& scratch) {
   const int64_t rows = s.rows, d = s.head_dim, count = src.count;
-  logits.assign(rows * count, kNegInf);
+  logits.resize(rows * count);
+  float* P = logits.data();  // rows x count, row-major (column-major count x rows, ld count)
+  const int64_t per_byte = src.quantized ? 8 / s.nbits : 1, width = d / per_byte;
+  if (src.quantized) scratch.resize(kTileTokens * d + 2 * rows * d + rows * (d + 1));
+  float* tile = scratch.data();
   // -- logits
   if (!src.quantized) {
-    for (const auto t : c10::irange(count)) {
-      if (src.valid && !src.valid[t * src.valid_stride]) continue;
-      const float* key = src.k + t * src.row_stride;
-      for (const auto r : c10::irange(rows)) {
-        if (src.first + t > src.causal_base + r % s.nq) continue;
-        logits[r * count + t] = dot(q + r * d, key, d);
-      }
-    }
+    gemm('T', 'N', count, rows, d, 1.f, src.k, src.row_stride, q, d, 0.f, P, count);
   } else {
-    const int64_t per_byte = 8 / s.nbits, width = d / per_byte, packed_width = d * s.nbits / 8;
     const float middle = static_cast<float>((1 << s.nbits) - 1) * 0.5f;
-    scratch.resize(rows * d + d + rows);
-    float* qs = scratch.data();          // rows x d, slot-major
-    float* codes = qs + rows * d;        // d
-    float* qz = codes + d;               // rows
+    float* qs = tile + kTileTokens * d;  // rows x d, slot-major: q * key scale
+    float* qz = qs + rows * d;           // rows: q . (zero + middle * scale)
     for (int64_t start = 0; start < count; start += s.key_group) {
-      const int64_t group = start / s.key_group, stop = std::min(count, start + s.key_group);
+      const int64_t group = start / s.key_group, tokens = std::min(count, start + s.key_group) - start;
       for (const auto r : c10::irange(rows)) {
         float zsum = 0.f;
         for (const auto i : c10::irange(d)) {
           const int64_t c = channel_of(i, per_byte, width);
           const float scale = src.key_scale[group * d + c];
           qs[r * d + i] = q[r * d + c] * scale;
-          zsum += q[r * d + c] * (src.key_zero[group * d + c] + middle * scale);  // centred codes: mid-range
+          zsum += q[r * d + c] * (src.key_zero[group * d + c] + middle * scale);
         }
         qz[r] = zsum;
       }
-      for (int64_t t = start; t < stop; ++t) {
-        if (src.valid && !src.valid[t * src.valid_stride]) continue;
-        unpack_row(src.key_codes + t * packed_width, s.nbits, width, codes);
+      for (int64_t t0 = 0; t0 < tokens; t0 += kTileTokens) {
+        const int64_t n = std::min(kTileTokens, tokens - t0);
+        unpack_tile(src.key_codes + (start + t0) * width, n, s.nbits, width, tile);
+        for (const auto slot : c10::irange(per_byte)) {  // logits (n x rows) += plane (n x W) . qs_slot (W x rows)
+          gemm('T', 'N', n, rows, width, 1.f, tile + slot * n * width, width, qs + slot * width, d,
+               slot ? 1.f : 0.f, P + start + t0, count);
+        }
         for (const auto r : c10::irange(rows)) {
-          if (src.first + t > src.causal_base + r % s.nq) continue;
-          logits[r * count + t] = qz[r] + dot(qs + r * d, codes, d);
+          float* row = P + r * count + start + t0;
+          for (const auto t : c10::irange(n)) row[t] += qz[r];
         }
       }
     }
   }
+  mask_logits(s, src, P);
   // -- softmax statistics of the chunk
   for (const auto r : c10::irange(rows)) {
-    float* row = logits.data() + r * count;
+    float* row = P + r * count;
     const float best = row_max(row, count);
     m[r] = best;
     if (best != kNegInf) {
@@ -194,42 +216,39 @@ void attend_chunk(const Shape& s, const Source& src, const float* q, float* m, f
     }
   }
   // -- weighted values
-  std::fill(acc, acc + rows * d, 0.f);
   if (!src.quantized) {
-    for (const auto t : c10::irange(count)) {
-      const float* value = src.v + t * src.row_stride;
-      for (const auto r : c10::irange(rows)) {
-        const float w = logits[r * count + t];
-        if (w != 0.f) axpy(acc + r * d, value, w, d);
-      }
-    }
+    gemm('N', 'N', d, rows, count, 1.f, src.v, src.row_stride, P, count, 0.f, acc, d);
     return;
   }
-  const int64_t per_byte = 8 / s.nbits, width = d / per_byte, packed_width = d * s.nbits / 8;
-  const int64_t vgroups = d / s.value_group, group_width = s.value_group / per_byte;  // j-range per value group
   const float middle = static_cast<float>((1 << s.nbits) - 1) * 0.5f;
-  scratch.resize(rows * d + d + rows * vgroups);
-  float* permuted = scratch.data();  // rows x d slot-major accumulator
-  float* codes = permuted + rows * d;
-  float* zeros = codes + d;          // rows x vgroups: sum_t p_t z_t,g
+  const int64_t vgroups = d / s.value_group, group_width = s.value_group / per_byte;  // j-range per value group
+  float* permuted = tile + kTileTokens * d;      // rows x d slot-major accumulator
+  float* weights = permuted + rows * d;          // kTileTokens x rows (column-major): p * value scale
+  float* zeros = weights + kTileTokens * rows;   // rows x vgroups: sum_t p_t (z_t + middle * s_t)
+  scratch.resize(kTileTokens * d + rows * d + kTileTokens * rows + rows * vgroups);
+  tile = scratch.data(), permuted = tile + kTileTokens * d, weights = permuted + rows * d;
+  zeros = weights + kTileTokens * rows;
   std::fill(permuted, permuted + rows * d, 0.f);
   std::fill(zeros, zeros + rows * vgroups, 0.f);
-  for (const auto t : c10::irange(count)) {
-    bool any = false;
-    for (const auto r : c10::irange(rows)) any = any || logits[r * count + t] != 0.f;
-    if (!any) continue;
-    unpack_row(src.value_codes + t * packed_width, s.nbits, width, codes);
-    for (const auto r : c10::irange(rows)) {
-      const float w = logits[r * count + t];
-      if (w == 0.f) continue;
-      for (const auto g : c10::irange(vgroups)) {
-        const float step = src.value_scale[t * vgroups + g];
-        const float scale = w * step;
-        zeros[r * vgroups + g] += w * (src.value_zero[t * vgroups + g] + middle * step);
-        for (const auto slot : c10::irange(per_byte)) {
-          const int64_t offset = slot * width + g * group_width;
-          axpy(permuted + r * d + offset, codes + offset, scale, group_width);
+  for (int64_t t0 = 0; t0 < count; t0 += kTileTokens) {
+    const int64_t n = std::min(kTileTokens, count - t0);
+    unpack_tile(src.value_codes + t0 * width, n, s.nbits, width, tile);
+    for (const auto g : c10::irange(vgroups)) {
+      for (const auto r : c10::irange(rows)) {
+        const float* p = P + r * count + t0;
+        float* w = weights + r * n;
+        float zsum = 0.f;
+        for (const auto t : c10::irange(n)) {
+          const float step = src.value_scale[(t0 + t) * vgroups + g];
+          w[t] = p[t] * step;
+          zsum += p[t] * (src.value_zero[(t0 + t) * vgroups + g] + middle * step);
         }
+        zeros[r * vgroups + g] += zsum;
+      }
+      for (const auto slot : c10::irange(per_byte)) {  // acc (gw x rows) += plane^T (gw x n) . weights (n x rows)
+        const int64_t offset = slot * width + g * group_width;
+        gemm('N', 'N', group_width, rows, n, 1.f, tile + slot * n * width + g * group_width, width, weights, n,
+             1.f, permuted + offset, d);
       }
     }
   }
