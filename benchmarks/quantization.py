@@ -18,7 +18,12 @@
    of 32 tokens). Memory is accounted at 16 bits for the baseline (``C`` tokens); in a float32 run the baseline
    really holds twice that, so the quantized side then uses half the memory the baseline measures.
 
+Part 1 also prints the **memory-traffic floor** of each configuration, ``(weights + its cache bytes) ÷ (weights +
+fullkv cache bytes)``: the TPOT ratio a step bound only by memory traffic would reach. KIVI decodes through the
+fused kernel (:mod:`kvfactory.kernels.decode`: attention reads the packed codes); KVQuant and GEAR dequantize.
+
 ``python benchmarks/quantization.py [--dtype float32] [--windows 8] [--parts bytes,ppl,pruning,headwise]
+[--configs kivi-4,kivi-2]
 [--json results/quantization.json]``
 With a 16-bit ``--dtype`` every byte is real (FullKV measured at 16 bits, the residual at 16 bits); with float32 the
 residual is fp32 (counted so) while the denominator stays the fp16 arithmetic.
@@ -69,25 +74,38 @@ def full_residual_bytes(config: Any, params: dict[str, Any], tokens: int, dtype_
     return config.num_hidden_layers * per_layer
 
 
+def weight_bytes(model: Any) -> int:
+    """Bytes of the model's parameters (a tied embedding counted once: a decode step reads it once, as the head)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def bytes_and_tpot(model: Any, stream: list[int], args: argparse.Namespace) -> list[dict[str, Any]]:
     ids = torch.tensor([stream[: args.context]])
-    specs = [MethodSpec("fullkv", {}, "fullkv")] + [MethodSpec("fullkv", p, label) for label, p in QUANTIZED.items()]
+    labels = [label for label in args.configs.split(",") if label]
+    unknown = sorted(set(labels) - set(QUANTIZED))
+    if unknown:
+        raise ValueError(f"--configs: unknown {', '.join(unknown)}; accepted: {', '.join(QUANTIZED)}")
+    specs = [MethodSpec("fullkv", {}, "fullkv")] + [MethodSpec("fullkv", QUANTIZED[label], label) for label in labels]
     results = compare(model, ids, specs, new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup)
     dtype_bytes = next(model.parameters()).element_size()
     tokens = ids.shape[1] + args.new_tokens - 1
     reference = fp16_fullkv_bytes(model.config, tokens)
     full = results[0]
+    weights = weight_bytes(model)
     rows = []
     print(f"[1] {ids.shape[1]}-token prompt + {args.new_tokens - 1} decode steps ({tokens} tokens cached), "
           f"{args.dtype}, {args.repeats} round-robin repeats; fp16 FullKV arithmetic = {reference / 2**20:.2f} MiB")
     print(f"    {'config':<10} {'MiB':>8} {'÷ fp16 FullKV':>14} {'÷ measured fullkv':>18} {'TPOT ms':>8} "
-          f"{'TPOT ÷ fullkv':>14} {'prefill ÷ fullkv':>17} {'residual full ÷ fp16':>21}")
+          f"{'TPOT ÷ fullkv':>14} {'traffic floor':>14} {'prefill ÷ fullkv':>17} {'residual full ÷ fp16':>21}")
+    print(f"    (traffic floor: the TPOT ratio a purely memory-bound step would reach, (weights + this cache) ÷ "
+          f"(weights + fullkv cache), weights {weights / 2**20:.1f} MiB)")
     for result in results:
         row = {
             "config": result.label, "cache_bytes": result.cache_bytes, "tokens": tokens,
             "bytes_over_fp16_fullkv": result.cache_bytes / reference,
             "bytes_over_measured_fullkv": result.cache_bytes / full.cache_bytes,
             "tpot_ms": result.tpot_seconds * 1000, "tpot_over_fullkv": result.tpot_seconds / full.tpot_seconds,
+            "traffic_floor": (weights + result.cache_bytes) / (weights + full.cache_bytes), "weight_bytes": weights,
             "prefill_over_fullkv": result.prefill_seconds / full.prefill_seconds,
             "full_residual_over_fp16_fullkv": float("nan") if result.label == "fullkv" else
             full_residual_bytes(model.config, QUANTIZED[result.label], tokens, dtype_bytes) / reference,
@@ -95,6 +113,7 @@ def bytes_and_tpot(model: Any, stream: list[int], args: argparse.Namespace) -> l
         rows.append(row)
         print(f"    {row['config']:<10} {row['cache_bytes'] / 2**20:>8.2f} {row['bytes_over_fp16_fullkv']:>14.4f} "
               f"{row['bytes_over_measured_fullkv']:>18.4f} {row['tpot_ms']:>8.1f} {row['tpot_over_fullkv']:>14.3f} "
+              f"{row['traffic_floor']:>14.3f} "
               f"{row['prefill_over_fullkv']:>17.3f} {row['full_residual_over_fp16_fullkv']:>21.4f}")
     return rows
 
@@ -152,6 +171,8 @@ def main() -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--context", type=int, default=4096, help="prompt tokens for bytes and TPOT")
     parser.add_argument("--new_tokens", type=int, default=16, help="generated tokens per timing run")
+    parser.add_argument("--configs", default=",".join(QUANTIZED),
+                        help=f"quantized configurations timed against fullkv in part 1 (of {', '.join(QUANTIZED)})")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--ppl_length", type=int, default=2048, help="tokens per perplexity window")

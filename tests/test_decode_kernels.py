@@ -3,7 +3,12 @@ dequantize-then-sdpa, ragged decode attention against masked dense attention, th
 pure-PyTorch fallback when the kernels are disabled."""
 from __future__ import annotations
 
+import ast
 import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -208,3 +213,65 @@ def greedy_with(model: torch.nn.Module, prompt: torch.Tensor, method: str, param
 def test_fusable_quantizers() -> None:
     assert decode.quantized_fusable(quantized_store(2, 300))
     assert not decode.quantized_fusable(quantized_store(2, 300, value_group_size=2))  # 4 codes per byte
+
+
+TRITON_QUANTIZED_CASES = [(2, True, (9, 3)), (4, False, (8, 2)), (8, True, (8, 2))]
+
+
+def triton_quantized_error(bits: int, with_residual: bool, gqa: tuple[int, int]) -> float:
+    """The Triton quantized kernel's relative error against dequantize-then-sdpa (run under the interpreter)."""
+    from kvfactory.kernels import triton_decode
+
+    num_q_heads, num_kv_heads = gqa
+    head_dim, group, n, nq = 32, 32, 160, 2
+    keys, values = cache_states(2, num_kv_heads, n, head_dim, seed=bits)
+    quantized = 128 if with_residual else n
+    valid = torch.ones(2, quantized, dtype=torch.bool)
+    valid[1, :5] = False
+    packed_keys = quantize(keys[:, :, :quantized], bits, "channel", group, ~valid[:, None, :, None])
+    packed_values = quantize(values[:, :, :quantized], bits, "token", 16, ~valid[:, None, :, None])
+    queries = torch.randn(2, num_q_heads, nq, head_dim, generator=torch.Generator().manual_seed(1))
+    block = (packed_keys.packed, packed_keys.scale, packed_keys.zero, packed_values.packed, packed_values.scale,
+             packed_values.zero, valid)
+    residual = n - quantized
+    output = triton_decode.quantized_decode_attention(
+        queries, [block], keys[:, :, quantized:].contiguous(), values[:, :, quantized:].contiguous(), None, bits,
+        group, 16)
+    dense_keys = torch.cat([packed_keys.dequantize(), keys[:, :, quantized:]], dim=2)
+    dense_values = torch.cat([packed_values.dequantize(), values[:, :, quantized:]], dim=2)
+    key_valid = torch.cat([valid, torch.ones(2, residual, dtype=torch.bool)], dim=1)
+    return relative_error(output, reference(queries, dense_keys, dense_values, residual, key_valid))
+
+
+def triton_ragged_error() -> float:
+    """The Triton ragged kernel's relative error against masked dense attention (run under the interpreter)."""
+    from kvfactory.kernels import triton_decode
+
+    store = ragged_store(seed=1, n=120, head_dim=32)
+    for step in range(3):
+        valid = torch.tensor([[True, True], [step != 0, step != 0]])
+        store.append(*cache_states(2, 3, 2, 32, seed=step), torch.full((2, 2), 120 + step), valid)
+    queries = torch.randn(2, 9, 2, 32)
+    output = triton_decode.ragged_decode_attention(
+        queries, store._keys, store._values, store.lengths, store.prefix_size, store.layout.tail_capacity,
+        store.tail_length, store.tail_valid)
+    keys, values, _, valid = store.padded()
+    total = keys.shape[2]
+    mask = valid[:, :, None, :] & torch.ones(2, total, dtype=torch.bool).tril(total - 2)
+    expected = F.scaled_dot_product_attention(queries, keys.repeat_interleave(3, 1), values.repeat_interleave(3, 1),
+                                              attn_mask=mask.repeat_interleave(3, 1))
+    return relative_error(output, expected)
+
+
+def test_triton_kernels_in_the_interpreter() -> None:
+    """The GPU path's Triton kernels, run by Triton's CPU interpreter (TRITON_INTERPRET=1 must be set before triton
+    is first imported, hence a fresh process); skipped when triton is not installed."""
+    pytest.importorskip("triton")
+    script = ("from tests.test_decode_kernels import TRITON_QUANTIZED_CASES, triton_quantized_error, "
+              "triton_ragged_error\n"
+              "print([triton_quantized_error(*case) for case in TRITON_QUANTIZED_CASES] + [triton_ragged_error()])")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).resolve().parent.parent, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    errors = ast.literal_eval(done.stdout.strip().splitlines()[-1])
+    assert len(errors) == len(TRITON_QUANTIZED_CASES) + 1 and max(errors) <= 1e-5, errors

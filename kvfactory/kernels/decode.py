@@ -20,17 +20,21 @@ each returns the attention output, or None when its kernel does not cover the ca
   - the quantized ragged store (one block over all heads' segments: per-segment key groups do not align with
     heads), a sliding window, padded query rows, attention weights asked for, more than
     :data:`MAX_NEW_TOKENS` new tokens (a prefill chunk: sdpa's blocked kernel is the better tool), non-CPU
-    tensors (see :mod:`kvfactory.kernels.triton_decode` for the GPU path).
+    tensors other than CUDA ones, and CUDA without ``triton``.
+
+On CUDA tensors the same entry points run the Triton kernels of :mod:`kvfactory.kernels.triton_decode`
+(validated in Triton's CPU interpreter only, untested on a GPU).
 
 ``KVFACTORY_NO_CPP_KERNELS=1`` (or a failed build) turns both kernels off: the stores' pure-PyTorch paths run.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kvfactory import kernels
+from kvfactory.kernels import triton_decode
 from kvfactory.attention import AttentionSpec
 
 if TYPE_CHECKING:
@@ -43,8 +47,15 @@ MAX_NEW_TOKENS = 16  # beyond this many query tokens a step is a prefill chunk: 
 def _plain_decode(queries: torch.Tensor, spec: AttentionSpec, query_valid: torch.Tensor | None,
                   need_weights: bool) -> bool:
     """The cases both kernels cover, whatever the store (cheap checks; the build is checked last)."""
-    return (queries.device.type == "cpu" and not need_weights and queries.shape[2] <= MAX_NEW_TOKENS
+    return (queries.device.type in ("cpu", "cuda") and not need_weights and queries.shape[2] <= MAX_NEW_TOKENS
             and spec.sliding_window is None and (query_valid is None or bool(query_valid.all())))
+
+
+def _backend(queries: torch.Tensor) -> Any:
+    """The module whose kernels run on the queries' device (the C++ kernels on CPU, Triton on CUDA), or None."""
+    if queries.device.type == "cpu":
+        return kernels if kernels.decode_kernels_available() else None
+    return triton_decode if kernels.cpp_kernels_enabled() and triton_decode.triton_available() else None
 
 
 def quantized_fusable(store: "QuantizedStore") -> bool:
@@ -64,16 +75,18 @@ def quantized_fusable(store: "QuantizedStore") -> bool:
 def quantized_store_attend(store: "QuantizedStore", queries: torch.Tensor, spec: AttentionSpec,
                            query_valid: torch.Tensor | None, need_weights: bool) -> torch.Tensor | None:
     """The fused attention of the new tokens over ``store`` (``(B, Hq, nq, d)`` in the queries' dtype), or None."""
-    if not (_plain_decode(queries, spec, query_valid, need_weights) and quantized_fusable(store)
-            and kernels.decode_kernels_available()):
+    if not (_plain_decode(queries, spec, query_valid, need_weights) and quantized_fusable(store)):
         return None
-    residual = store.residual
-    if residual.length < queries.shape[2]:
+    residual, quantizer = store.residual, store.quantizer
+    if residual.length < queries.shape[2] or (queries.device.type == "cuda" and not triton_decode.supports_triton(
+            queries.shape[-1], quantizer.q_group_size)):
         return None
-    quantizer = store.quantizer
+    backend = _backend(queries)
+    if backend is None:
+        return None
     blocks = [(b.keys.quantized.packed, b.keys.quantized.scale, b.keys.quantized.zero, b.values.quantized.packed,
                b.values.quantized.scale, b.values.quantized.zero, b.valid) for b in store.blocks]
-    output = kernels.quantized_decode_attention(
+    output = backend.quantized_decode_attention(
         queries.float(), blocks, residual.keys.float().contiguous(), residual.values.float().contiguous(),
         residual.valid, quantizer.nbits, quantizer.q_group_size, quantizer.value_group(queries.shape[-1]))
     return output.to(queries.dtype)
@@ -86,8 +99,12 @@ def ragged_store_attend(store: "RaggedStore", queries: torch.Tensor, spec: Atten
     if not (_plain_decode(queries, spec, query_valid, need_weights) and store.tail_length >= queries.shape[2]):
         return None
     keys, values = store._attention_buffers()
-    if keys.dtype != torch.float32 or not kernels.decode_kernels_available():
+    if keys.dtype != torch.float32 or (queries.device.type == "cuda" and not triton_decode.supports_triton(
+            queries.shape[-1], triton_decode.BLOCK_TOKENS)):
         return None
-    output = kernels.ragged_decode_attention(queries.float(), keys, values, store.lengths, store.prefix_size,
+    backend = _backend(queries)
+    if backend is None:
+        return None
+    output = backend.ragged_decode_attention(queries.float(), keys, values, store.lengths, store.prefix_size,
                                              store.layout.tail_capacity, store.tail_length, store.tail_valid)
     return output.to(queries.dtype)
