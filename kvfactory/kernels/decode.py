@@ -22,13 +22,14 @@ each returns the attention output, or None when its kernel does not cover the ca
     :data:`MAX_NEW_TOKENS` new tokens (a prefill chunk: sdpa's blocked kernel is the better tool), non-CPU
     tensors other than CUDA ones, and CUDA without ``triton``.
 
-On CUDA tensors the same entry points run the Triton kernels of :mod:`kvfactory.kernels.triton_decode`
-(validated in Triton's CPU interpreter only, untested on a GPU).
+On CUDA tensors, with ``KVFACTORY_TRITON_DECODE=1`` (opt-in: validated in Triton's CPU interpreter only, untested on a
+GPU), the same entry points run the Triton kernels of :mod:`kvfactory.kernels.triton_decode`.
 
 ``KVFACTORY_NO_CPP_KERNELS=1`` (or a failed build) turns both kernels off: the stores' pure-PyTorch paths run.
 """
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
     from kvfactory.storage.quantized import QuantizedStore
     from kvfactory.storage.ragged import RaggedStore
 
+# The Triton kernels are untested on a GPU: CUDA decoding uses them only when this variable is 1.
+TRITON_VARIABLE = "KVFACTORY_TRITON_DECODE"
 MAX_NEW_TOKENS = 16  # beyond this many query tokens a step is a prefill chunk: the sdpa path runs
 
 
@@ -55,7 +58,8 @@ def _backend(queries: torch.Tensor) -> Any:
     """The module whose kernels run on the queries' device (the C++ kernels on CPU, Triton on CUDA), or None."""
     if queries.device.type == "cpu":
         return kernels if kernels.decode_kernels_available() else None
-    return triton_decode if kernels.cpp_kernels_enabled() and triton_decode.triton_available() else None
+    opted_in = os.environ.get(TRITON_VARIABLE, "0") not in ("", "0")
+    return triton_decode if opted_in and kernels.cpp_kernels_enabled() and triton_decode.triton_available() else None
 
 
 def quantized_fusable(store: "QuantizedStore") -> bool:

@@ -10,7 +10,8 @@ segment, one per (sample, KV head); its tail, rows ``Hkv`` apart). A program ret
 
 Status: **validated only in Triton's CPU interpreter** (``TRITON_INTERPRET=1``, tests/test_decode_kernels.py),
 against the same references as the C++ kernels; never run on a GPU here (no GPU in CI). :mod:`kvfactory.kernels.decode`
-calls it for CUDA tensors when ``triton`` imports; ``benchmarks/gpu_check.sh`` is where a GPU machine times it.
+calls it for CUDA tensors when ``triton`` imports and ``KVFACTORY_TRITON_DECODE=1`` (opt-in until checked on a GPU;
+``benchmarks/gpu_check.sh`` run with that variable set times it there).
 ``triton`` is optional: nothing imports it unless a CUDA decode step (or the interpreter test) asks.
 """
 from __future__ import annotations
