@@ -135,6 +135,9 @@ LLAMA3_SHAPE = dict(hidden_size=2048, num_attention_heads=16, num_key_value_head
                     num_hidden_layers=4, vocab_size=1024, max_position_embeddings=32768, rope_theta=500000.0)
 
 
+SHAPES_STEPS = 24  # paired decode steps per model in item 5 (each model pays an 8k prefill per method first)
+
+
 def shapes(model_path: str, context: int, budget: int) -> None:
     """Item 5: paired decode steps of adakv (ragged) and snapkv at ``budget`` after a ``context``-token prompt, on a
     random-weight model of Llama-3-8B's attention shape and on ``model_path``."""
@@ -146,12 +149,12 @@ def shapes(model_path: str, context: int, budget: int) -> None:
     generator = torch.Generator().manual_seed(0)
     cases = [("random Llama-3-8B attention shape (8 KV heads x 128, 4 layers)", random_llama3, 1024),
              (model_path, model_path, None)]
-    print(f"[5] adakv ÷ snapkv decode step at C={budget} after a {context}-token prompt (48 paired steps)")
+    print(f"[5] adakv ÷ snapkv decode step at C={budget} after a {context}-token prompt ({SHAPES_STEPS} paired steps)")
     for label, load, vocab in cases:
         if vocab is None:
             vocab = kvfactory.models.load(model_path)[0].config.vocab_size
         ids = torch.randint(3, vocab, (1, context), generator=generator)
-        paired = paired_tpot(load, ids, budget)
+        paired = paired_tpot(load, ids, budget, steps=SHAPES_STEPS)
         print(f"    {label}: TPOT snapkv {paired['snapkv'] * 1000:.1f} ms, adakv {paired['adakv'] * 1000:.1f} ms, "
               f"ratio {paired['adakv'] / paired['snapkv']:.3f}")
 
