@@ -3,11 +3,15 @@
 1. cache bytes of adakv (ragged storage) vs snapkv at the same C (goal: equal within Hkv tokens per layer);
 2. decode TPOT adakv / snapkv (goal: within 15%);
 3. throughput of a batch of 8 left-padded prompts / one prompt at a time (goal: >= 2.5), decode-only and end to end;
+5. (``--parts shapes``) adakv ÷ snapkv decode step at C=1024 after an 8k prompt on a random-weight model of
+   Llama-3-8B's attention shape (8 KV heads of 128 channels, 4 layers) and on SmolLM2 (goal: <= 1.05; adakv's ragged
+   store attends through :func:`kvfactory.kernels.ragged_decode_attention`, each KV head reading its own slots);
 4. passkey accuracy at C=128 over depths and seeds: fullkv, snapkv, adakv, headkv (head scores computed for this
    model by kvfactory.retrieval_heads when missing), at each pooling kernel of ``--kernel_sizes`` (7 is KVCF's
    default; SmolLM2 spells numbers one digit per token, and 11 reaches all five digits of a key: docs/methods.md).
 
-``python benchmarks/headwise_batching.py [--model_path smollm2-135m] [--length 1000] [--seeds 3] [--kernel_sizes 7,11]``
+``python benchmarks/headwise_batching.py [--model_path smollm2-135m] [--length 1000] [--seeds 3] [--kernel_sizes 7,11]
+[--parts timing,accuracy,shapes]``
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -38,11 +43,17 @@ def main() -> int:
     parser.add_argument("--head_path", type=Path, default=REPO_ROOT / "data" / "heads_score" / "smollm2-135m.json")
     parser.add_argument("--kernel_sizes", default="7,11", help="pooling kernels the accuracy part runs, a,b,...")
     parser.add_argument("--parts", default="timing,accuracy",
-                        help="timing (items 1-3: needs a quiet machine), accuracy (item 4: does not), or both")
+                        help="timing (items 1-3: needs a quiet machine), accuracy (item 4: does not), shapes (item 5)")
+    parser.add_argument("--shapes_context", type=int, default=8192, help="prompt tokens of item 5")
+    parser.add_argument("--shapes_budget", type=int, default=1024, help="C of item 5")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
-    if not parts or parts - {"timing", "accuracy"}:
-        parser.error(f"--parts takes timing and/or accuracy, got {args.parts!r}")
+    if not parts or parts - {"timing", "accuracy", "shapes"}:
+        parser.error(f"--parts takes timing, accuracy and/or shapes, got {args.parts!r}")
+    if "shapes" in parts:
+        shapes(args.model_path, args.shapes_context, args.shapes_budget)
+        if parts == {"shapes"}:
+            return 0
     model, tokenizer = kvfactory.models.load(args.model_path)
     budget = 128
     if "timing" in parts:
@@ -52,11 +63,15 @@ def main() -> int:
     return 0
 
 
-def paired_tpot(model_path: str, ids: torch.Tensor, budget: int, names: tuple[str, ...] = ("snapkv", "adakv"),
-                steps: int = 48) -> dict[str, float]:
+def paired_tpot(model_path: str | Callable[[], Any], ids: torch.Tensor, budget: int,
+                names: tuple[str, ...] = ("snapkv", "adakv"), steps: int = 48) -> dict[str, float]:
     """Median decode step of each method, their steps alternated one by one (one model instance and cache per
-    method, the order swapped every step), so that background load hits every method alike."""
-    models = {name: kvfactory.models.load(model_path)[0] for name in names}
+    method, the order swapped every step), so that background load hits every method alike. ``model_path``: a
+    model name, or a function building the model."""
+    def load() -> Any:
+        return model_path() if callable(model_path) else kvfactory.models.load(model_path)[0]
+
+    models = {name: load() for name in names}
     handles = {name: kvfactory.patch(models[name], name, max_capacity_prompt=budget) for name in names}
     state, times = {}, {name: [] for name in names}
     with torch.no_grad():
@@ -109,6 +124,37 @@ def timing(model, tokenizer, budget: int, length: int, model_path: str) -> None:
     print(f"[3] 8 prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens, snapkv C={budget}, 32 new tokens:"
           f" decode throughput batch 8 / batch 1 = {decode_one / together.decode_seconds:.2f}; end to end (prefill "
           f"included) = {total_one / (together.prefill_seconds + together.decode_seconds):.2f}")
+
+
+# Llama-3-8B's attention scaled down to fit the CPU: its 8 KV heads of 128 channels, 16 query heads (not 32: the
+# hidden size is heads x head_dim in transformers 4.44), 4 layers, a small MLP and vocabulary (the attention is a
+# larger share of the step than in the real model, which makes the ratio stricter).
+LLAMA3_SHAPE = dict(hidden_size=2048, num_attention_heads=16, num_key_value_heads=8, intermediate_size=1024,
+                    num_hidden_layers=4, vocab_size=1024, max_position_embeddings=32768, rope_theta=500000.0)
+
+
+SHAPES_STEPS = 24  # paired decode steps per model in item 5 (each model pays an 8k prefill per method first)
+
+
+def shapes(model_path: str, context: int, budget: int) -> None:
+    """Item 5: paired decode steps of adakv (ragged) and snapkv at ``budget`` after a ``context``-token prompt, on a
+    random-weight model of Llama-3-8B's attention shape and on ``model_path``."""
+    from transformers import LlamaConfig
+
+    def random_llama3() -> Any:
+        return kvfactory.models.random_model(LlamaConfig(**LLAMA3_SHAPE), seed=0)
+
+    generator = torch.Generator().manual_seed(0)
+    cases = [("random Llama-3-8B attention shape (8 KV heads x 128, 4 layers)", random_llama3, 1024),
+             (model_path, model_path, None)]
+    print(f"[5] adakv ÷ snapkv decode step at C={budget} after a {context}-token prompt ({SHAPES_STEPS} paired steps)")
+    for label, load, vocab in cases:
+        if vocab is None:
+            vocab = kvfactory.models.load(model_path)[0].config.vocab_size
+        ids = torch.randint(3, vocab, (1, context), generator=generator)
+        paired = paired_tpot(load, ids, budget, steps=SHAPES_STEPS)
+        print(f"    {label}: TPOT snapkv {paired['snapkv'] * 1000:.1f} ms, adakv {paired['adakv'] * 1000:.1f} ms, "
+              f"ratio {paired['adakv'] / paired['snapkv']:.3f}")
 
 
 def accuracy(model, tokenizer, budget: int, args: argparse.Namespace) -> None:

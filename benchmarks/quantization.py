@@ -18,7 +18,15 @@
    of 32 tokens). Memory is accounted at 16 bits for the baseline (``C`` tokens); in a float32 run the baseline
    really holds twice that, so the quantized side then uses half the memory the baseline measures.
 
+Part 1 also prints the **memory-traffic floor** of each configuration, ``(weights + its cache bytes) ÷ (weights +
+fullkv cache bytes)``: the TPOT ratio a step bound only by memory traffic would reach. KIVI decodes through the
+fused kernel (:mod:`kvfactory.kernels.decode`: attention reads the packed codes); KVQuant and GEAR dequantize.
+Part **decode** (``--parts decode``) measures the same TPOT ratios and floors at ``--decode_contexts`` (8192 and
+2048) after one shared prefill per context, the caches' decode steps alternated one by one (see
+:func:`paired_decode`): the cheap, load-robust version of part 1's TPOT.
+
 ``python benchmarks/quantization.py [--dtype float32] [--windows 8] [--parts bytes,ppl,pruning,headwise]
+[--configs kivi-4,kivi-2]
 [--json results/quantization.json]``
 With a 16-bit ``--dtype`` every byte is real (FullKV measured at 16 bits, the residual at 16 bits); with float32 the
 residual is fp32 (counted so) while the denominator stays the fp16 arithmetic.
@@ -26,7 +34,9 @@ residual is fp32 (counted so) while the denominator stays the fp16 arithmetic.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,6 +50,7 @@ from kvfactory.benchmarks.speed import MethodSpec, compare  # noqa: E402
 from kvfactory.quant import get as get_quantizer, kv_shape  # noqa: E402
 from kvfactory.quant.base import POSITION_BYTES  # noqa: E402
 from kvfactory.quant.budget import dense_nbytes  # noqa: E402
+from kvfactory.storage.quantized import QuantizedStore  # noqa: E402
 
 QUANTIZED = {  # label -> quantization parameters
     "kivi-4": {"quant_method": "kivi", "nbits": 4},
@@ -67,25 +78,38 @@ def full_residual_bytes(config: Any, params: dict[str, Any], tokens: int, dtype_
     return config.num_hidden_layers * per_layer
 
 
+def weight_bytes(model: Any) -> int:
+    """Bytes of the model's parameters (a tied embedding counted once: a decode step reads it once, as the head)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def bytes_and_tpot(model: Any, stream: list[int], args: argparse.Namespace) -> list[dict[str, Any]]:
     ids = torch.tensor([stream[: args.context]])
-    specs = [MethodSpec("fullkv", {}, "fullkv")] + [MethodSpec("fullkv", p, label) for label, p in QUANTIZED.items()]
+    labels = [label for label in args.configs.split(",") if label]
+    unknown = sorted(set(labels) - set(QUANTIZED))
+    if unknown:
+        raise ValueError(f"--configs: unknown {', '.join(unknown)}; accepted: {', '.join(QUANTIZED)}")
+    specs = [MethodSpec("fullkv", {}, "fullkv")] + [MethodSpec("fullkv", QUANTIZED[label], label) for label in labels]
     results = compare(model, ids, specs, new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup)
     dtype_bytes = next(model.parameters()).element_size()
     tokens = ids.shape[1] + args.new_tokens - 1
     reference = fp16_fullkv_bytes(model.config, tokens)
     full = results[0]
+    weights = weight_bytes(model)
     rows = []
     print(f"[1] {ids.shape[1]}-token prompt + {args.new_tokens - 1} decode steps ({tokens} tokens cached), "
           f"{args.dtype}, {args.repeats} round-robin repeats; fp16 FullKV arithmetic = {reference / 2**20:.2f} MiB")
     print(f"    {'config':<10} {'MiB':>8} {'÷ fp16 FullKV':>14} {'÷ measured fullkv':>18} {'TPOT ms':>8} "
-          f"{'TPOT ÷ fullkv':>14} {'prefill ÷ fullkv':>17} {'residual full ÷ fp16':>21}")
+          f"{'TPOT ÷ fullkv':>14} {'traffic floor':>14} {'prefill ÷ fullkv':>17} {'residual full ÷ fp16':>21}")
+    print(f"    (traffic floor: the TPOT ratio a purely memory-bound step would reach, (weights + this cache) ÷ "
+          f"(weights + fullkv cache), weights {weights / 2**20:.1f} MiB)")
     for result in results:
         row = {
             "config": result.label, "cache_bytes": result.cache_bytes, "tokens": tokens,
             "bytes_over_fp16_fullkv": result.cache_bytes / reference,
             "bytes_over_measured_fullkv": result.cache_bytes / full.cache_bytes,
             "tpot_ms": result.tpot_seconds * 1000, "tpot_over_fullkv": result.tpot_seconds / full.tpot_seconds,
+            "traffic_floor": (weights + result.cache_bytes) / (weights + full.cache_bytes), "weight_bytes": weights,
             "prefill_over_fullkv": result.prefill_seconds / full.prefill_seconds,
             "full_residual_over_fp16_fullkv": float("nan") if result.label == "fullkv" else
             full_residual_bytes(model.config, QUANTIZED[result.label], tokens, dtype_bytes) / reference,
@@ -93,7 +117,55 @@ def bytes_and_tpot(model: Any, stream: list[int], args: argparse.Namespace) -> l
         rows.append(row)
         print(f"    {row['config']:<10} {row['cache_bytes'] / 2**20:>8.2f} {row['bytes_over_fp16_fullkv']:>14.4f} "
               f"{row['bytes_over_measured_fullkv']:>18.4f} {row['tpot_ms']:>8.1f} {row['tpot_over_fullkv']:>14.3f} "
+              f"{row['traffic_floor']:>14.3f} "
               f"{row['prefill_over_fullkv']:>17.3f} {row['full_residual_over_fp16_fullkv']:>21.4f}")
+    return rows
+
+
+def paired_decode(model: Any, stream: list[int], args: argparse.Namespace, context: int) -> list[dict[str, Any]]:
+    """TPOT of fullkv and the quantized configurations after **one** shared ``context``-token prefill: the fullkv
+    cache's rows are quantized into each configuration's stores exactly as its own prefill would (every whole key
+    group quantized, an empty residual), then the decode steps of all caches are alternated one by one (the order
+    rotated every step) so that background load hits them alike; medians of ``--decode_steps`` steps. Cheap on a
+    loaded machine (one prefill instead of one per configuration and repeat)."""
+    labels = [label for label in args.configs.split(",") if label]
+    ids = torch.tensor([stream[:context]])
+    weights = weight_bytes(model)
+    with kvfactory.patch(model, "fullkv") as handle, torch.no_grad():
+        cache = handle.new_cache()
+        token = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        caches, stores = {"fullkv": cache}, cache.stores
+        for label in labels:
+            params = dict(QUANTIZED[label])
+            quantizer = get_quantizer(params.pop("quant_method"), **params)
+            cache.stores = [None] * len(stores)
+            clone = copy.deepcopy(cache)
+            clone.stores = [QuantizedStore.from_rows([store.row(0)], quantizer) for store in stores]
+            caches[label] = clone
+        cache.stores = stores
+        names, times = list(caches), {name: [] for name in caches}
+        tokens = {name: token for name in caches}
+        for step in range(args.decode_steps + 1):
+            for name in names[step % len(names):] + names[: step % len(names)]:
+                started = time.perf_counter()
+                logits = model(tokens[name], past_key_values=caches[name], use_cache=True).logits
+                if step:  # the first step of each cache is a warm-up
+                    times[name].append(time.perf_counter() - started)
+                tokens[name] = logits[:, -1:].argmax(-1)
+    tpot = {name: statistics.median(step_times) for name, step_times in times.items()}
+    full_bytes = caches["fullkv"].nbytes()
+    print(f"[1b] {context}-token prompt, one shared prefill, then {args.decode_steps} decode steps of every cache "
+          f"alternated one by one ({args.dtype}; weights {weights / 2**20:.1f} MiB)")
+    print(f"    {'config':<10} {'cache MiB':>10} {'TPOT ms':>8} {'TPOT ÷ fullkv':>14} {'traffic floor':>14}")
+    rows = []
+    for name in names:
+        nbytes = caches[name].nbytes()
+        row = {"config": name, "context": context, "cache_bytes": nbytes, "tpot_ms": tpot[name] * 1000,
+               "tpot_over_fullkv": tpot[name] / tpot["fullkv"],
+               "traffic_floor": (weights + nbytes) / (weights + full_bytes), "weight_bytes": weights}
+        rows.append(row)
+        print(f"    {name:<10} {nbytes / 2**20:>10.2f} {row['tpot_ms']:>8.1f} {row['tpot_over_fullkv']:>14.3f} "
+              f"{row['traffic_floor']:>14.3f}")
     return rows
 
 
@@ -150,6 +222,10 @@ def main() -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--context", type=int, default=4096, help="prompt tokens for bytes and TPOT")
     parser.add_argument("--new_tokens", type=int, default=16, help="generated tokens per timing run")
+    parser.add_argument("--configs", default=",".join(QUANTIZED),
+                        help=f"quantized configurations timed against fullkv in part 1 (of {', '.join(QUANTIZED)})")
+    parser.add_argument("--decode_contexts", default="8192,2048", help="prompt lengths of the paired decode part")
+    parser.add_argument("--decode_steps", type=int, default=16, help="timed decode steps per cache (paired part)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--ppl_length", type=int, default=2048, help="tokens per perplexity window")
@@ -157,7 +233,7 @@ def main() -> int:
     parser.add_argument("--budget", type=int, default=128, help="C of the quantized-pruning comparison")
     parser.add_argument("--headwise_budget", type=int, default=512, help="C of adakv in the head-wise bytes part")
     parser.add_argument("--parts", default="bytes,ppl,pruning,headwise",
-                        help="comma-separated parts to run: bytes, ppl, pruning, headwise")
+                        help="comma-separated parts to run: bytes, decode, ppl, pruning, headwise")
     parser.add_argument("--data_dir", default=None, help="folder of PG essays (default: the shared data folder)")
     parser.add_argument("--json", type=Path, help="also write every row here")
     args = parser.parse_args()
@@ -167,12 +243,16 @@ def main() -> int:
     stream = token_stream(tokenizer, load_documents("pg_essays", args.data_dir))
     chunk = get_quantizer("kivi").quant_residual_length
     parts = set(args.parts.split(","))
-    unknown = parts - {"bytes", "ppl", "pruning", "headwise"}
+    unknown = parts - {"bytes", "decode", "ppl", "pruning", "headwise"}
     if unknown:
-        raise ValueError(f"--parts: unknown {', '.join(sorted(unknown))}; accepted: bytes, ppl, pruning, headwise")
+        raise ValueError(f"--parts: unknown {', '.join(sorted(unknown))}; accepted: bytes, decode, ppl, pruning, "
+                         "headwise")
     rows: dict[str, Any] = {}
     if "bytes" in parts:
         rows["bytes_tpot"] = bytes_and_tpot(model, stream, args)
+    if "decode" in parts:
+        rows["paired_decode"] = [row for context in map(int, args.decode_contexts.split(","))
+                                 for row in paired_decode(model, stream, args, context)]
 
     windows = split_windows(stream[args.context :], args.ppl_length, args.windows)  # text unseen in part 1
     quality = {"fullkv": ("fullkv", {})} | {label: ("fullkv", p) for label, p in QUANTIZED.items()}

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from kvfactory.attention import AttentionSpec
+from kvfactory.kernels import decode
 from kvfactory.quant.base import EncodedTensor, KVQuantizer, LayerRotary
 from kvfactory.storage.base import MaskedPart, Rotary, ragged_from_parts
 from kvfactory.storage.dense import DenseStore, SlotReads, StoreRow
@@ -131,6 +133,18 @@ class QuantizedStore(SlotReads):
     @property
     def extra_names(self) -> list[str]:
         return self.residual.extra_names
+
+    def attend(self, queries: torch.Tensor, spec: AttentionSpec, *, query_valid: torch.Tensor | None = None,
+               query_positions: torch.Tensor | None = None, need_weights: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention over the blocks and the residual: decoding reads the packed codes directly when the fused
+        kernel covers the case (:mod:`kvfactory.kernels.decode`), else over the dequantized blocks (nothing
+        dequantized is kept)."""
+        fused = decode.quantized_store_attend(self, queries, spec, query_valid, need_weights)
+        if fused is not None:
+            return fused, None
+        return super().attend(queries, spec, query_valid=query_valid, query_positions=query_positions,
+                              need_weights=need_weights)
 
     def _dense_view(self) -> DenseStore:
         return DenseStore(self.keys, self.values, self.positions, self.valid, {n: self.extra(n) for n in self.extra_names})

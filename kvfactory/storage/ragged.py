@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from kvfactory.attention import AttentionSpec
+from kvfactory.kernels import decode
 from kvfactory.storage.dense import headroom
 
 
@@ -344,6 +345,9 @@ class RaggedStore:
         """Attention of the new tokens (the last ``n`` tail tokens) over prefix + tail; returns ``(B, Hq, n, d)``."""
         if need_weights:
             raise ValueError("ragged storage does not return attention weights (no head-wise method needs them)")
+        fused = decode.ragged_store_attend(self, queries, spec, query_valid, need_weights)
+        if fused is not None:  # each (sample, KV head) reads only its own slots
+            return fused, None
         batch, num_q_heads, n, head_dim = queries.shape
         heads = self.lengths.shape[1]
         slots = self.layout.prefix_slots + self.tail_length * heads
