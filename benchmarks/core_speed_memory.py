@@ -8,7 +8,7 @@
 3. TPOT snapkv(C=256) ÷ fullkv at 8k tokens (goal ≤ 0.5);
 4. KV bytes ÷ fullkv (goal = C / n).
 
-``python benchmarks/core_speed_memory.py [--model_path smollm2-135m] [--short] [--parts prefill]`` (``--short`` for
+``python -m benchmarks.core_speed_memory [--model_path smollm2-135m] [--short] [--parts prefill]`` (``--short`` for
 a quick look; ``--parts`` runs some of: overhead [1], prefill [2] on sdpa, eager [2] on eager attention, decode [3]
 and [4]).
 """
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-import kvfactory  # noqa: E402
-from kvfactory.benchmarks.passkey import make_passkey_sample  # noqa: E402
-from kvfactory.benchmarks.speed import SpeedResult, measure  # noqa: E402
+import kvfactory
+from kvfactory.benchmarks.passkey import make_passkey_sample
+from kvfactory.benchmarks.speed import SpeedResult, measure
 
 
 def prompt(tokenizer, length: int) -> torch.Tensor:

@@ -6,7 +6,7 @@ Quest keeps everything (bytes ÷ fullkv ≈ 1); its saving is what a decode step
 read in the last decode step (all layers, min/max metadata included) ÷ what reading the whole cache costs (fullkv).
 ThinK is shown alone (key channels only) and over SnapKV.
 
-``OMP_WAIT_POLICY=PASSIVE flock /tmp/kvf_cpu.lock python benchmarks/frontier_speed_memory.py [--length 4096]``
+``OMP_WAIT_POLICY=PASSIVE flock /tmp/kvf_cpu.lock python -m benchmarks.frontier_speed_memory [--length 4096]``
 (ratios from one run; on a shared CPU single timings are noisy).
 """
 from __future__ import annotations

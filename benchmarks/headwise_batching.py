@@ -10,7 +10,7 @@
    model by kvfactory.retrieval_heads when missing), at each pooling kernel of ``--kernel_sizes`` (7 is KVCF's
    default; SmolLM2 spells numbers one digit per token, and 11 reaches all five digits of a key: docs/methods.md).
 
-``python benchmarks/headwise_batching.py [--model_path smollm2-135m] [--length 1000] [--seeds 3] [--kernel_sizes 7,11]
+``python -m benchmarks.headwise_batching [--model_path smollm2-135m] [--length 1000] [--seeds 3] [--kernel_sizes 7,11]
 [--parts timing,accuracy,shapes]``
 """
 from __future__ import annotations
@@ -25,12 +25,12 @@ from typing import Any, Callable
 
 import torch
 
-import kvfactory  # noqa: E402
-from kvfactory.benchmarks.passkey import make_passkey_sample, passkey_found  # noqa: E402
-from kvfactory.benchmarks.speed import measure  # noqa: E402
-from kvfactory.generation import greedy_generate, left_pad  # noqa: E402
-from kvfactory.paths import REPO_ROOT  # noqa: E402
-from kvfactory.retrieval_heads import retrieval_head_scores  # noqa: E402
+import kvfactory
+from kvfactory.benchmarks.passkey import make_passkey_sample, passkey_found
+from kvfactory.benchmarks.speed import measure
+from kvfactory.generation import greedy_generate, left_pad
+from kvfactory.paths import REPO_ROOT
+from kvfactory.retrieval_heads import retrieval_head_scores
 
 DEPTHS = (0.05, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95)
 

@@ -25,7 +25,7 @@ Part **decode** (``--parts decode``) measures the same TPOT ratios and floors at
 2048) after one shared prefill per context, the caches' decode steps alternated one by one (see
 :func:`paired_decode`): the cheap, load-robust version of part 1's TPOT.
 
-``python benchmarks/quantization.py [--dtype float32] [--windows 8] [--parts bytes,ppl,pruning,headwise]
+``python -m benchmarks.quantization [--dtype float32] [--windows 8] [--parts bytes,ppl,pruning,headwise]
 [--configs kivi-4,kivi-2]
 [--json results/quantization.json]``
 With a 16-bit ``--dtype`` every byte is real (FullKV measured at 16 bits, the residual at 16 bits); with float32 the
@@ -44,13 +44,13 @@ from typing import Any
 
 import torch
 
-import kvfactory  # noqa: E402
-from kvfactory.benchmarks.ppl import load_documents, split_windows, suffix_ppl, token_stream  # noqa: E402
-from kvfactory.benchmarks.speed import MethodSpec, compare  # noqa: E402
-from kvfactory.quant import get as get_quantizer, kv_shape  # noqa: E402
-from kvfactory.quant.base import POSITION_BYTES  # noqa: E402
-from kvfactory.quant.budget import dense_nbytes  # noqa: E402
-from kvfactory.storage.quantized import QuantizedStore  # noqa: E402
+import kvfactory
+from kvfactory.benchmarks.ppl import load_documents, split_windows, suffix_ppl, token_stream
+from kvfactory.benchmarks.speed import MethodSpec, compare
+from kvfactory.quant import get as get_quantizer, kv_shape
+from kvfactory.quant.base import POSITION_BYTES
+from kvfactory.quant.budget import dense_nbytes
+from kvfactory.storage.quantized import QuantizedStore
 
 QUANTIZED = {  # label -> quantization parameters
     "kivi-4": {"quant_method": "kivi", "nbits": 4},
