@@ -18,11 +18,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import kvfactory  # noqa: E402
-from kvfactory.benchmarks.passkey import make_passkey_sample  # noqa: E402
-from kvfactory.benchmarks.speed import measure  # noqa: E402
+import kvfactory
+from kvfactory.benchmarks.passkey import make_passkey_sample
+from kvfactory.benchmarks.speed import measure
 
 METHODS: list[tuple[str, str, dict]] = [
     ("tova", "tova", {}),

@@ -20,7 +20,7 @@
 
 Part 1 also prints the **memory-traffic floor** of each configuration, ``(weights + its cache bytes) ÷ (weights +
 fullkv cache bytes)``: the TPOT ratio a step bound only by memory traffic would reach. KIVI decodes through the
-fused kernel (:mod:`kvfactory.kernels.decode`: attention reads the packed codes); KVQuant and GEAR dequantize.
+fused kernel (:mod:`kvfactory.storage.fused_decode`: attention reads the packed codes); KVQuant and GEAR dequantize.
 Part **decode** (``--parts decode``) measures the same TPOT ratios and floors at ``--decode_contexts`` (8192 and
 2048) after one shared prefill per context, the caches' decode steps alternated one by one (see
 :func:`paired_decode`): the cheap, load-robust version of part 1's TPOT.

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import kvfactory
 from kvfactory import kernels
 from kvfactory.attention import AttentionSpec, attend
-from kvfactory.kernels import decode
+from kvfactory.storage import fused_decode as decode
 from kvfactory.quant.groups import quantize
 from kvfactory.storage.dense import DenseStore, StoreRow
 from kvfactory.storage.quantized import QuantizedStore

@@ -6,7 +6,7 @@ them.
   so exact H2O scoring costs no second attention-sized pass on sdpa.
 - :func:`quantized_decode_attention` (``decode_attention.cpp``): decode attention of a few new tokens over KIVI's
   packed 2/4/8-bit keys and values plus the full-precision residual, reading the codes directly (nothing
-  dequantized is materialised). :mod:`kvfactory.kernels.decode` is the Python side (when it applies, fallbacks).
+  dequantized is materialised). :mod:`kvfactory.storage.fused_decode` is the Python side (when it applies, fallbacks).
 - :func:`ragged_decode_attention`: decode attention over a ragged (head-wise) store where each (sample, KV head)
   reads only its own slots.
 """

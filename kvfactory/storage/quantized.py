@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from kvfactory.attention import AttentionSpec
-from kvfactory.kernels import decode
+from kvfactory.storage import fused_decode as decode
 from kvfactory.quant.base import EncodedTensor, KVQuantizer, LayerRotary
 from kvfactory.storage.base import MaskedPart, Rotary, ragged_from_parts
 from kvfactory.storage.dense import DenseStore, SlotReads, StoreRow
@@ -138,7 +138,7 @@ class QuantizedStore(SlotReads):
                query_positions: torch.Tensor | None = None, need_weights: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attention over the blocks and the residual: decoding reads the packed codes directly when the fused
-        kernel covers the case (:mod:`kvfactory.kernels.decode`), else over the dequantized blocks (nothing
+        kernel covers the case (:mod:`kvfactory.storage.fused_decode`), else over the dequantized blocks (nothing
         dequantized is kept)."""
         fused = decode.quantized_store_attend(self, queries, spec, query_valid, need_weights)
         if fused is not None:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from kvfactory.attention import AttentionSpec
-from kvfactory.kernels import decode
+from kvfactory.storage import fused_decode as decode
 from kvfactory.storage.dense import headroom
 
 

@@ -30,17 +30,13 @@ GPU), the same entry points run the Triton kernels of :mod:`kvfactory.kernels.tr
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from kvfactory import kernels
 from kvfactory.kernels import triton_decode
 from kvfactory.attention import AttentionSpec
-
-if TYPE_CHECKING:
-    from kvfactory.storage.quantized import QuantizedStore
-    from kvfactory.storage.ragged import RaggedStore
 
 # The Triton kernels are untested on a GPU: CUDA decoding uses them only when this variable is 1.
 TRITON_VARIABLE = "KVFACTORY_TRITON_DECODE"
@@ -62,7 +58,7 @@ def _backend(queries: torch.Tensor) -> Any:
     return triton_decode if opted_in and kernels.cpp_kernels_enabled() and triton_decode.triton_available() else None
 
 
-def quantized_fusable(store: "QuantizedStore") -> bool:
+def quantized_fusable(store: Any) -> bool:
     """Whether the quantizer and the blocks are what the fused kernel reads (KIVI's layout, no extra terms)."""
     quantizer = store.quantizer
     if quantizer.pre_rope or quantizer.sparse_ratio() > 0 or quantizer.error_rank():
@@ -76,7 +72,7 @@ def quantized_fusable(store: "QuantizedStore") -> bool:
         and block.values.low_rank is None for block in store.blocks)
 
 
-def quantized_store_attend(store: "QuantizedStore", queries: torch.Tensor, spec: AttentionSpec,
+def quantized_store_attend(store: Any, queries: torch.Tensor, spec: AttentionSpec,
                            query_valid: torch.Tensor | None, need_weights: bool) -> torch.Tensor | None:
     """The fused attention of the new tokens over ``store`` (``(B, Hq, nq, d)`` in the queries' dtype), or None."""
     if not (_plain_decode(queries, spec, query_valid, need_weights) and quantized_fusable(store)):
@@ -96,7 +92,7 @@ def quantized_store_attend(store: "QuantizedStore", queries: torch.Tensor, spec:
     return output.to(queries.dtype)
 
 
-def ragged_store_attend(store: "RaggedStore", queries: torch.Tensor, spec: AttentionSpec,
+def ragged_store_attend(store: Any, queries: torch.Tensor, spec: AttentionSpec,
                         query_valid: torch.Tensor | None, need_weights: bool) -> torch.Tensor | None:
     """Attention of the new tokens over a ragged store with each (sample, KV head) reading only its own slots, or
     None (fp32 buffers only: converting the whole buffer each step would cost more than the masked sdpa saves)."""
