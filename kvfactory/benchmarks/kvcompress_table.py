@@ -118,6 +118,16 @@ def _decode_budget(spec: MethodSpec) -> int:
     return max(budget) if isinstance(budget, list) else budget
 
 
+def _save(figure: Any, path: Path) -> Path:
+    """Lay out, write at 120 dpi and close ``figure``; returns ``path``."""
+    from kvfactory.benchmarks.efficiency_plots import _pyplot
+
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    _pyplot().close(figure)
+    return path
+
+
 def plot_table(rows: Sequence[dict[str, Any]], folder: Path, title: str) -> list[Path]:
     """kvcompress's figures: methods compared at each size (bars), PPL against the KV size (trade-off), the
     normalised methods × metrics heatmap, and cache efficiency (PPL increase per token of KV saved)."""
@@ -137,10 +147,7 @@ def plot_table(rows: Sequence[dict[str, Any]], folder: Path, title: str) -> list
         axis.tick_params(axis="x", rotation=45)
         axis.grid(alpha=0.3, axis="y")
     figure.suptitle(f"{title}: methods compared")
-    figure.tight_layout()
-    paths.append(folder / "kvcompress_methods.png")
-    figure.savefig(paths[-1], dpi=120)
-    plt.close(figure)
+    paths.append(_save(figure, folder / "kvcompress_methods.png"))
 
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for method in dict.fromkeys(r["method"] for r in rows):
@@ -151,10 +158,7 @@ def plot_table(rows: Sequence[dict[str, Any]], folder: Path, title: str) -> list
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     axis.set_title(f"{title}: PPL vs KV size")
-    figure.tight_layout()
-    paths.append(folder / "kvcompress_tradeoff.png")
-    figure.savefig(paths[-1], dpi=120)
-    plt.close(figure)
+    paths.append(_save(figure, folder / "kvcompress_tradeoff.png"))
 
     metrics = [("ppl", False), ("next_token_acc", True), ("kv_tokens", False)] + [
         (m, m.startswith("throughput")) for m in ("ttft_seconds", "tpot_seconds", "throughput_tokens_per_second")
@@ -172,10 +176,7 @@ def plot_table(rows: Sequence[dict[str, Any]], folder: Path, title: str) -> list
     axis.set_yticks(range(len(labels)), labels)
     figure.colorbar(image, label="normalised (1 = best)")
     axis.set_title(f"{title}: summary")
-    figure.tight_layout()
-    paths.append(folder / "kvcompress_heatmap.png")
-    figure.savefig(paths[-1], dpi=120)
-    plt.close(figure)
+    paths.append(_save(figure, folder / "kvcompress_heatmap.png"))
 
     compressed = sorted((r for r in rows if r["cache_size"] is not None),
                         key=lambda r: r["ppl"] / baseline["ppl"])
@@ -189,10 +190,7 @@ def plot_table(rows: Sequence[dict[str, Any]], folder: Path, title: str) -> list
     axis.set_xlabel("PPL increase vs baseline (%), annotated with the KV saved")
     axis.grid(alpha=0.3, axis="x")
     axis.set_title(f"{title}: cache efficiency")
-    figure.tight_layout()
-    paths.append(folder / "kvcompress_cache_efficiency.png")
-    figure.savefig(paths[-1], dpi=120)
-    plt.close(figure)
+    paths.append(_save(figure, folder / "kvcompress_cache_efficiency.png"))
     return paths
 
 
