@@ -105,7 +105,7 @@ def run(model: Any, tokens: Sequence[int], sizes: Sequence[int], *, chunk: int, 
         timed = [MethodSpec(s.method, dict(s.params, decode_budget=_decode_budget(s)) if s.method != "fullkv"
                             else {}, s.label) for s in specs]
         for row, result in zip(rows, compare(model, prompt, timed, new_tokens=new_tokens, repeats=repeats,
-                                             warmup=warmup)):
+                                             warmup=warmup, track_memory=False)):
             row.update(ttft_seconds=result.ttft_seconds, tpot_seconds=result.tpot_seconds,
                        throughput_tokens_per_second=result.throughput_tokens_per_second)
     return rows
