@@ -276,3 +276,53 @@ def test_every_predecessor_name_is_accepted_everywhere() -> None:
         add_method_arguments(parser)
         args = parser.parse_args(["--method", name])
         assert patch_parameters(args)[0] == name
+
+
+# -- kvcompress's prune_after (l2_compress's option: compress only beyond N tokens) ---------------------------------------
+def naive_l2_compress(k: torch.Tensor, b: int, h: int, keep_ratio: float, prune_after: int) -> set[int]:
+    """kvcompress's ``l2_compress`` on one head, as ../shared/specs/predecessors.md §B describes it: a sequence of at most
+    ``prune_after`` tokens is left alone; a longer one keeps its ``ceil(keep_ratio · n)`` lowest key norms."""
+    n = k.shape[2]
+    if n <= prune_after:
+        return set(range(n))
+    norms = norms_of(k, b, h)
+    return set(sorted(range(n), key=lambda j: (norms[j], j))[: math.ceil(keep_ratio * n)])
+
+
+@pytest.mark.parametrize("prune_after", [0, 59, 60, 100])
+def test_prune_after_keeps_short_sequences_whole_as_kvcompress_l2_compress(qkv, prune_after: int) -> None:
+    q, k, v = (t[..., :60, :] for t in qkv)  # 60 tokens: ceil(0.25 · 60) = round(0.25 · 60) = 15
+    method = methods.get("l2norm", max_capacity_prompt_ratio=0.25, prune_after=prune_after, skip_layers=[])
+    kept = method.compress_tokens(q, k, v, layer_idx=0, num_layers=4)
+    assert kept_sets(kept.indices) == per_head(lambda b, h: naive_l2_compress(k, b, h, 0.25, prune_after))
+    assert kept.indices.shape[-1] == (60 if prune_after >= 60 else 15)
+    assert method.describe()["prune_after"] == prune_after
+    # skip_layers still apply beyond prune_after (l2_compress's other option)
+    skipping = methods.get("l2norm", max_capacity_prompt_ratio=0.25, prune_after=prune_after, skip_layers=[1])
+    assert skipping.compress_tokens(q, k, v, layer_idx=1, num_layers=4).indices.shape[-1] == 60
+
+
+def test_prune_after_composes_and_holds_while_decoding() -> None:
+    """Any method takes ``prune_after`` (a wrapper), also through ``--method_kwargs``; with a decode budget the cache
+    grows untouched up to ``prune_after`` tokens, then is held at the budget."""
+    from tests.conftest import greedy, random_prompt, tiny_model
+
+    assert "prune_after" in methods.COMPOSITION_PARAMETERS
+    assert methods.get("snapkv", max_capacity_prompt=16, prune_after=64).capacity(0, 2, 64) == 64
+    assert methods.get("snapkv", max_capacity_prompt=16, prune_after=64).capacity(0, 2, 65) == 16
+    for bad in (-1, 2.5, True, "10"):
+        with pytest.raises(ValueError, match="prune_after must be a non-negative integer"):
+            methods.get("l2norm", prune_after=bad)
+    import kvfactory
+
+    model = tiny_model("llama")
+    params = dict(max_capacity_prompt=16, decode_budget=16, skip_layers=[])
+    kept = {}
+    for prune_after, new_tokens in ((None, 8), (30, 8), (30, 20)):
+        extra = {} if prune_after is None else {"prune_after": prune_after}
+        with kvfactory.patch(model, "l2norm", **params, **extra) as handle:
+            greedy(model, random_prompt(20), new_tokens)
+            kept[prune_after, new_tokens] = handle.last_cache.mean_kept_tokens()
+    assert kept[None, 8] == [16, 16]  # no prune_after: the 20-token prompt is cut to 16, and held there
+    assert kept[30, 8] == [27, 27]  # 20 + 7 fed tokens <= 30: nothing evicted
+    assert kept[30, 20] == [16, 16]  # beyond 30 tokens: held at the decode budget

@@ -59,3 +59,42 @@ def test_kvcompress_figures(tmp_path: Path) -> None:
     assert [p.name for p in paths] == ["kvcompress_methods.png", "kvcompress_tradeoff.png", "kvcompress_heatmap.png",
                                        "kvcompress_cache_efficiency.png"]
     assert all(p.stat().st_size > 5000 for p in paths)
+
+
+def test_kvcompress_command_line_lives_outside_the_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m benchmarks.kvcompress_table`` (the command of scripts/predecessors/kvcompress.sh) writes the rows,
+    the four figures and prints the table; the library module has no command line (and no print)."""
+    import benchmarks.kvcompress_table as cli
+    import kvfactory.benchmarks.kvcompress_table as library
+
+    assert not hasattr(library, "main")
+    script = (Path(__file__).resolve().parent.parent / "scripts" / "predecessors" / "kvcompress.sh").read_text()
+    assert "python -m benchmarks.kvcompress_table" in script
+    tokens = torch.randint(3, 128, (96,), generator=torch.Generator().manual_seed(0)).tolist()
+    monkeypatch.setattr(cli, "load_model", lambda args: (random_model("tiny-llama", seed=0), None))
+    monkeypatch.setattr(cli.ppl, "load_documents", lambda dataset, data_dir: ["unused"])
+    monkeypatch.setattr(cli.ppl, "token_stream", lambda tokenizer, documents: tokens)
+    assert cli.main(["--model_path", "random:tiny-llama", "--sizes", "24", "--methods", "recent_only",
+                     "--chunk", "16", "--no_speed", "--output_dir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("label | ppl") and printed[1].startswith("baseline |")
+    assert printed[2].startswith("recent_only@24 |") and "| 24 |" in printed[2]
+    assert len(list((tmp_path / "kvcompress").glob("*.png"))) == 4
+
+
+def test_the_library_never_prints() -> None:
+    """``logging``, not ``print``, in ``kvfactory/``: command lines live in ``benchmarks/`` and ``run_*.py``. The one
+    exception is ``kvfactory/__main__.py``, the ``python -m kvfactory`` / ``kvfactory`` program, whose output is the
+    table it prints."""
+    import ast
+
+    library = Path(__file__).resolve().parent.parent / "kvfactory"
+    printing = []
+    for path in sorted(library.rglob("*.py")):
+        if path.name == "__main__.py" and path.parent == library:
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        printing += [f"{path.relative_to(library)}:{node.lineno}" for node in ast.walk(tree)
+                     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print"]
+    assert printing == []

@@ -6,10 +6,18 @@ A run = a prefill forward then ``new_tokens - 1`` greedy decode steps, each time
 - ``ttft_seconds``: prefill plus the LM head on the last position only and the argmax (the first token exists), so
   the cost of a full-vocabulary logits tensor does not hide the attention's;
 - ``tpot_seconds``: the median decode step (decoder + head + argmax); ``total_seconds`` = TTFT + all steps;
-- memory: ``cache_bytes`` (the cache's real bytes, :func:`kvfactory.cache_nbytes`) and the peak during a run:
-  CUDA ``max_memory_allocated`` on GPU; on CPU the process's peak RSS (VmHWM, reset before each run through
-  ``/proc/self/clear_refs``; where that is not possible, the lifetime ``ru_maxrss`` and ``peak_memory_resettable``
-  says so). ``peak_memory_over_start_bytes`` subtracts what was in use when the run started (weights etc.).
+- memory: ``cache_bytes`` (the cache's real bytes, :func:`kvfactory.cache_nbytes`) and two peaks of a run:
+
+  - ``peak_memory_over_start_bytes``: the most tensor bytes the run held at once beyond what existed when it started
+    (weights excluded), counted as :mod:`kvfactory.benchmarks.memory` counts them (``peak_memory_how``): CUDA
+    ``max_memory_allocated`` minus the allocated bytes at the start, in the timed runs; on CPU the live tensor
+    storages the run creates, in one extra **untimed** run per configuration (the counting slows every operator).
+    It grows with the context by at least the KV bytes and drops with the cache a method saves, whatever ran
+    before in the process;
+  - ``peak_memory_bytes``: CUDA ``max_memory_allocated``, or on CPU the process's peak RSS (VmHWM, reset before each
+    run through ``/proc/self/clear_refs``; where that is not possible, the lifetime ``ru_maxrss`` and
+    ``peak_memory_resettable`` says so). RSS only rises when the allocator needs new pages, so after earlier large
+    runs it may not move at all: a coarse process figure, not a per-run one.
 
 The unpatched baseline uses transformers' ``DynamicCache`` (what ``generate`` uses), or legacy tuples for GPT-NeoX
 in 4.44.2. :func:`compare` runs several configurations round-robin (warm-up, then repeat r of every configuration
@@ -31,11 +39,13 @@ from typing import Any, Callable, Sequence
 import torch
 from transformers.cache_utils import DynamicCache
 
+from kvfactory.benchmarks.memory import CPU_COUNT, CUDA_COUNT, TensorMemoryTracker
 from kvfactory.cache import CompressedCache, cache_nbytes
 
 UNPATCHED = "unpatched"
 RATIO_COLUMNS = ("prefill_speedup", "ttft_speedup", "tpot_speedup", "throughput_ratio", "cache_bytes_ratio",
                  "peak_memory_ratio", "peak_memory_over_start_ratio")
+RSS_COUNT = "cpu process rss over start (VmHWM)"  # peak_memory_how when no tensors were counted (track_memory=False)
 
 
 @dataclass
@@ -57,8 +67,9 @@ class SpeedResult:
     step_seconds: list[float] = field(default_factory=list, repr=False)
     ttft_seconds: float = 0.0  # prefill + LM head on the last position + argmax
     total_seconds: float = 0.0  # TTFT + decode
-    peak_memory_over_start_bytes: int = 0  # peak minus what was in use when the run started
+    peak_memory_over_start_bytes: int = 0  # most tensor bytes held beyond the start (see peak_memory_how)
     peak_memory_resettable: bool = True  # False: CPU peak is the process lifetime's (ru_maxrss)
+    peak_memory_how: str = ""  # how peak_memory_over_start_bytes was counted (memory.CUDA_COUNT, CPU_COUNT, RSS_COUNT)
     label: str = ""  # the configuration's name in a comparison (default: method)
 
     def as_row(self) -> dict[str, Any]:
@@ -81,6 +92,7 @@ class RunTiming:
     peak: int
     start: int
     resettable: bool
+    tensor_peak: int | None = None  # tensor bytes over the start (CUDA counter; CPU only in a tracked run)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -128,10 +140,25 @@ def _fresh_cache(model: Any) -> Any:
     return DynamicCache() if getattr(model, "_supports_cache_class", False) else None
 
 
+def run_timed(model: Any, input_ids: torch.Tensor, new_tokens: int, attention_mask: torch.Tensor | None = None,
+              track_tensors: bool = False) -> RunTiming:
+    """Prefill then ``new_tokens - 1`` greedy decode steps, every part timed (see the module docstring).
+    ``tensor_peak`` is the CUDA counter's peak over the start; on CPU it is counted only with ``track_tensors``
+    (a :class:`~kvfactory.benchmarks.memory.TensorMemoryTracker` over the run, whose times are then not usable)."""
+    if not track_tensors or input_ids.device.type != "cpu":
+        run = _run(model, input_ids, new_tokens, attention_mask)
+        if input_ids.device.type == "cuda":
+            run.tensor_peak = run.peak - run.start
+        return run
+    gc.collect()
+    with TensorMemoryTracker() as tracker:
+        run = _run(model, input_ids, new_tokens, attention_mask)
+    run.tensor_peak = tracker.peak
+    return run
+
+
 @torch.no_grad()
-def run_timed(model: Any, input_ids: torch.Tensor, new_tokens: int, attention_mask: torch.Tensor | None = None
-              ) -> RunTiming:
-    """Prefill then ``new_tokens - 1`` greedy decode steps, every part timed (see the module docstring)."""
+def _run(model: Any, input_ids: torch.Tensor, new_tokens: int, attention_mask: torch.Tensor | None) -> RunTiming:
     device = input_ids.device
     decoder, head = model.base_model, model.get_output_embeddings()
     gc.collect()
@@ -169,9 +196,10 @@ def run_once(model: Any, input_ids: torch.Tensor, new_tokens: int, attention_mas
     return run.ttft, run.steps, (run.cache, run.kept, run.prefill_bytes)
 
 
-def summarize(method: str, input_ids: torch.Tensor, new_tokens: int, runs: Sequence[RunTiming], label: str = ""
-              ) -> SpeedResult:
-    """Medians (times) and maxima (peaks) over ``runs`` of one configuration."""
+def summarize(method: str, input_ids: torch.Tensor, new_tokens: int, runs: Sequence[RunTiming], label: str = "",
+              memory_run: RunTiming | None = None) -> SpeedResult:
+    """Medians (times) and maxima (peaks) over ``runs`` of one configuration; ``memory_run`` (an untimed CPU run
+    with ``track_tensors``) gives the tensor peak where the timed runs have none."""
     if not runs:
         raise ValueError("summarize needs at least one run")
     steps = [s for run in runs for s in run.steps]
@@ -181,6 +209,12 @@ def summarize(method: str, input_ids: torch.Tensor, new_tokens: int, runs: Seque
     batch, length = input_ids.shape
     last = runs[-1]
     peak = max(run.peak for run in runs)
+    counted = [run.tensor_peak for run in [*runs, *([memory_run] if memory_run else [])] if run.tensor_peak is not None]
+    if counted:
+        over_start = max(counted)
+        how = CUDA_COUNT if input_ids.device.type == "cuda" else CPU_COUNT
+    else:
+        over_start, how = max(run.peak - run.start for run in runs), RSS_COUNT
     return SpeedResult(
         method=method, context_length=length, batch_size=batch, new_tokens=new_tokens, prefill_seconds=prefill,
         tpot_seconds=statistics.median(steps) if steps else 0.0, decode_seconds=decode,
@@ -188,22 +222,33 @@ def summarize(method: str, input_ids: torch.Tensor, new_tokens: int, runs: Seque
         cache_bytes=last.final_bytes,
         kept_tokens=sum(last.kept) / len(last.kept) if last.kept else float(length), peak_memory_bytes=peak,
         step_seconds=steps, ttft_seconds=ttft, total_seconds=ttft + decode,
-        peak_memory_over_start_bytes=max(run.peak - run.start for run in runs),
-        peak_memory_resettable=all(run.resettable for run in runs), label=label or method,
+        peak_memory_over_start_bytes=over_start, peak_memory_resettable=all(run.resettable for run in runs),
+        peak_memory_how=how, label=label or method,
     )
 
 
 def measure(model: Any, input_ids: torch.Tensor, *, method: str, new_tokens: int = 16, repeats: int = 3,
-            warmup: int = 1, attention_mask: torch.Tensor | None = None) -> SpeedResult:
+            warmup: int = 1, attention_mask: torch.Tensor | None = None, track_memory: bool = True) -> SpeedResult:
     """Median latency of ``repeats`` runs (after ``warmup``) of the model as it is (patched or not); a padded batch
-    passes its ``attention_mask``."""
+    passes its ``attention_mask``. ``track_memory`` (CPU): one more, untimed run counts the tensor peak."""
     for _ in range(warmup):
         run_timed(model, input_ids, min(new_tokens, 2), attention_mask)
     runs = []
     for _ in range(repeats):
         runs.append(run_timed(model, input_ids, new_tokens, attention_mask))
         runs[-1].cache = None  # keep only numbers: a held cache would weigh on the next runs
-    return summarize(method, input_ids, new_tokens, runs)
+    return summarize(method, input_ids, new_tokens, runs, memory_run=_memory_run(
+        model, input_ids, new_tokens, attention_mask, track_memory))
+
+
+def _memory_run(model: Any, input_ids: torch.Tensor, new_tokens: int, attention_mask: torch.Tensor | None,
+                track_memory: bool) -> RunTiming | None:
+    """The untimed run that counts a CPU run's tensor peak (None on CUDA, whose timed runs count it, or when off)."""
+    if not track_memory or input_ids.device.type != "cpu":
+        return None
+    run = run_timed(model, input_ids, new_tokens, attention_mask, track_tensors=True)
+    run.cache = None
+    return run
 
 
 # -- several configurations side by side ------------------------------------------------------------------------
@@ -257,9 +302,11 @@ def _patched(model: Any, spec: MethodSpec) -> Any:
 
 
 def compare(model: Any, input_ids: torch.Tensor, specs: Sequence[MethodSpec], *, new_tokens: int = 16,
-            repeats: int = 3, warmup: int = 1, on_run: Callable[[], None] | None = None) -> list[SpeedResult]:
+            repeats: int = 3, warmup: int = 1, on_run: Callable[[], None] | None = None, track_memory: bool = True
+            ) -> list[SpeedResult]:
     """Measure every configuration on the same prompt, round-robin: all warm-ups, then repeat 1 of each, repeat 2 of
-    each, ... (machine drift hits every configuration alike). ``on_run`` is called after each run (progress)."""
+    each, ... (machine drift hits every configuration alike). ``on_run`` is called after each run (progress).
+    ``track_memory`` (CPU): then one untimed run per configuration counts its tensor peak."""
     runs: dict[str, list[RunTiming]] = {spec.label: [] for spec in specs}
     if len(runs) != len(specs):
         raise ValueError("configuration labels must be distinct")
@@ -274,7 +321,12 @@ def compare(model: Any, input_ids: torch.Tensor, specs: Sequence[MethodSpec], *,
             runs[spec.label][-1].cache = None  # keep only numbers: a held cache would weigh on the next runs
             if on_run is not None:
                 on_run()
-    return [summarize(spec.method, input_ids, new_tokens, runs[spec.label], spec.label) for spec in specs]
+    results = []
+    for spec in specs:
+        with _patched(model, spec):
+            memory_run = _memory_run(model, input_ids, new_tokens, None, track_memory)
+        results.append(summarize(spec.method, input_ids, new_tokens, runs[spec.label], spec.label, memory_run))
+    return results
 
 
 def _ratio(numerator: float, denominator: float) -> float:
@@ -306,7 +358,8 @@ def rows_with_ratios(results: Sequence[SpeedResult], baseline_label: str = "full
 def sweep(model: Any, prompt: Callable[[int], torch.Tensor], lengths: Sequence[int], specs: Sequence[MethodSpec], *,
           new_tokens: int = 32, repeats: int = 3, warmup: int = 1, baseline_label: str = "fullkv",
           warmup_every_length: bool = False, progress: bool = True,
-          on_length: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+          on_length: Callable[[list[dict[str, Any]]], None] | None = None, track_memory: bool = True
+          ) -> list[dict[str, Any]]:
     """:func:`compare` at every context length (``prompt(n)`` gives a ``(1, n)`` prompt); rows carry the ratios to
     ``baseline_label`` measured at the same length in the same run. The ``warmup`` runs (code paths, allocator) are
     made at the first length only unless ``warmup_every_length``: at long contexts a warm-up costs a full prefill.
@@ -318,7 +371,8 @@ def sweep(model: Any, prompt: Callable[[int], torch.Tensor], lengths: Sequence[i
     for index, length in enumerate(lengths):
         bar.set_postfix(context=length)
         results = compare(model, prompt(length), specs, new_tokens=new_tokens, repeats=repeats,
-                          warmup=warmup if index == 0 or warmup_every_length else 0, on_run=lambda: bar.update(1))
+                          warmup=warmup if index == 0 or warmup_every_length else 0, on_run=lambda: bar.update(1),
+                          track_memory=track_memory)
         rows.extend(rows_with_ratios(results, baseline_label))
         if on_length is not None:
             on_length(rows)

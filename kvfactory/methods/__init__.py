@@ -5,7 +5,7 @@ the composition keywords of :data:`COMPOSITION_PARAMETERS`, each turned into a w
 :mod:`kvfactory.methods.wrappers` (see its docstring): ``scorer=`` (AdaKV's head-wise allocation over any scorer),
 a list or function as ``max_capacity_prompt`` (one budget per layer), ``decode_method=`` / ``decode_method_kwargs=``
 (another method re-applied while decoding, at ``decode_budget``), ``prefill_chunk_size=`` (prefill in chunks,
-compressing after each), and the quantization parameters of
+compressing after each), ``prune_after=`` (keep sequences of at most that many tokens whole, kvcompress's option), and the quantization parameters of
 :mod:`kvfactory.quant` (``quant_method``, ``nbits``, ...).
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ from kvfactory.methods.simlayerkv import SimLayerKV
 from kvfactory.methods.think import ThinK
 from kvfactory.methods.tova import TOVA
 from kvfactory.methods.wrappers import (
-    ChunkedPrefill, DecodingPolicy, HeadwiseAllocation, MethodWrapper, PerLayerBudget, Quantized,
+    ChunkedPrefill, DecodingPolicy, HeadwiseAllocation, MethodWrapper, PerLayerBudget, PruneAfter, Quantized,
 )
 from kvfactory import quant
 
@@ -67,7 +67,7 @@ REGISTRY.update({cls.name: cls for cls in (  # issue 17
 ALIASES = {"full": "fullkv", "streaming": "streamingllm", "ada-snapkv": "adakv"}
 # head-wise allocations that take scorer=: the method name -> the parameters that belong to the allocation
 ALLOCATIONS: dict[str, tuple[str, ...]] = {"adakv": ("floor_ratio", "normalize")}
-COMPOSITION_PARAMETERS = ("scorer", "decode_method", "decode_method_kwargs", "prefill_chunk_size",
+COMPOSITION_PARAMETERS = ("scorer", "decode_method", "decode_method_kwargs", "prefill_chunk_size", "prune_after",
                           *quant.QUANT_PARAMETERS)
 
 
@@ -174,6 +174,7 @@ def get(name: str, **params: Any) -> Compressor:
     decode_method = params.pop("decode_method", None)
     decode_kwargs = params.pop("decode_method_kwargs", None) or {}
     chunk_size = params.pop("prefill_chunk_size", None)
+    prune_after = params.pop("prune_after", None)
     per_layer = None
     if isinstance(params.get("max_capacity_prompt"), (list, tuple)) or callable(params.get("max_capacity_prompt")):
         per_layer = params.pop("max_capacity_prompt")
@@ -206,6 +207,8 @@ def get(name: str, **params: Any) -> Compressor:
                                 _build(decode_method, dict(decode_kwargs)))
     if chunk_size is not None:
         method = ChunkedPrefill(method, chunk_size)
+    if prune_after is not None:
+        method = PruneAfter(method, prune_after)
     return wrap(method, **quant_params)
 
 
@@ -214,6 +217,7 @@ __all__ = [
     "wrap", "AdaKV", "AdaPyramidKV", "BudgetedCompressor", "CAM", "HeadKV", "HeadwiseCompressor", "Compressor", "FullKV", "H2O", "Kept", "L2Norm", "PyramidKV", "RandomSelection",
     "Selection", "SnapKV", "StreamingLLM", "WindowedCompressor", "get", "method_class", "names", "parameters",
 ]
+__all__ += ["PruneAfter"]  # kvcompress's prune_after, over any method
 __all__ += ["AdaptiveL2", "FixSizeL2", "H2OL2", "KNorm", "LagKV", "LazyH2O", "LazyUnified", "RecentOnly", "SepLLM",
             "SnapKVLite", "Unified"]
 __all__ += ["ChunkKV", "CriticalKV", "DuoAttention", "ExpectedAttention", "KeyDiff", "KVzip", "OverScorer", "Quest", "SimLayerKV",

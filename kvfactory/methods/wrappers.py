@@ -4,7 +4,7 @@ Each wrapper is a :class:`~kvfactory.methods.base.Compressor` holding another on
 the contract; the cache cannot tell a wrapper from a method. They nest, innermost first:
 
 ``method`` → :class:`PerLayerBudget` → :class:`HeadwiseAllocation` → :class:`DecodingPolicy` →
-:class:`ChunkedPrefill` → :class:`Quantized`
+:class:`ChunkedPrefill` → :class:`PruneAfter` → :class:`Quantized`
 
 and :func:`kvfactory.methods.get` builds the nesting from keyword arguments (one syntax, also the CLIs'
 ``--method_kwargs``)::
@@ -14,6 +14,7 @@ and :func:`kvfactory.methods.get` builds the nesting from keyword arguments (one
     get("h2o", decode_method="snapkv", decode_budget=128)    # H2O at prefill, SnapKV re-applied while decoding
     get("adakv", quant_method="kivi", nbits=2)               # anything, head-wise included, quantized
     get("snapkv", prefill_chunk_size=512)                    # prefill 512 tokens at a time, compressing each time
+    get("l2norm", max_capacity_prompt_ratio=0.5, prune_after=1000)  # compress only sequences beyond 1,000 tokens
 
 Parameters a wrapper does not own pass through to the method (``wrapper.window_size`` is the inner method's).
 """
@@ -378,6 +379,30 @@ class ChunkedPrefill(MethodWrapper):
 
     def describe(self) -> dict[str, object]:
         return {**self.inner.describe(), "prefill_chunk_size": self.chunk_size}
+
+
+class PruneAfter(MethodWrapper):
+    """Compress only beyond ``prune_after`` tokens: a sequence of at most ``prune_after`` tokens (prompt, or prompt
+    plus generated tokens while decoding) is kept whole; a longer one gets the method's own capacity. kvcompress's
+    ``l2_compress`` option ``prune_after`` (docs/predecessors.md), over any method:
+    ``get("l2norm", max_capacity_prompt_ratio=r, prune_after=n)`` is its ``l2_compress(keep_ratio=r, prune_after=n)``.
+    ``0`` compresses whenever the method would (the wrapper then changes nothing).
+    """
+
+    def __init__(self, inner: Compressor, prune_after: int) -> None:
+        super().__init__(inner)
+        if isinstance(prune_after, bool) or not isinstance(prune_after, int) or prune_after < 0:
+            raise ValueError(f"prune_after must be a non-negative integer (tokens kept whole before compressing), "
+                             f"got {prune_after!r}")
+        self.prune_after = prune_after
+
+    def capacity(self, layer_idx: int, num_layers: int, seq_len: int, budget: int | None = None) -> int:
+        if seq_len <= self.prune_after:
+            return seq_len
+        return self.inner.capacity(layer_idx, num_layers, seq_len, budget)
+
+    def describe(self) -> dict[str, object]:
+        return {**self.inner.describe(), "prune_after": self.prune_after}
 
 
 class Quantized(MethodWrapper):

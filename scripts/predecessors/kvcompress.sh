@@ -6,7 +6,7 @@
 # time; timing on a 1,024-token prompt, 8 new tokens, 1 repeat (noisy on a shared CPU: compare orderings only).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-python -m kvfactory.benchmarks.kvcompress_table --model_path "${MODEL:-smollm2-135m}" \
+python -m benchmarks.kvcompress_table --model_path "${MODEL:-smollm2-135m}" \
   --num_eval_tokens "${NUM_EVAL_TOKENS:-2000}" --sizes "${SIZES:-512,1024}" --chunk "${CHUNK:-128}" \
   --speed_prompt "${SPEED_PROMPT:-1024}" --new_tokens "${NEW_TOKENS:-8}" --repeats "${REPEATS:-1}" \
   --output_dir "${OUT:-results_predecessors}" --figures_dir docs/figures "$@"
