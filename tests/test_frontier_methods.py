@@ -486,7 +486,7 @@ def test_padded_batch_keeps_what_each_sample_keeps_alone(name: str) -> None:
 @pytest.mark.parametrize("name", NEW)
 def test_every_new_method_runs_in_the_runners(name: str, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """run_needle, run_ppl and run_speed accept each method by name with the usual budget flag (a tiny Llama with a
-    word tokenizer; run_passkey on SmolLM2 is in docs/methods.md's commands)."""
+    word tokenizer; run_longbench, run_ruler and run_passkey: tests/test_frontier_runners.py)."""
     import run_needle
     import run_ppl
     import run_speed
