@@ -101,3 +101,21 @@ def test_passkey_runner(name: str, smollm2_sized_model, smollm2_tokenizer, tmp_p
     records = lines(tmp_path / f"smollm2-135m_{C}" / f"{name}.jsonl")
     assert [r["_id"] for r in records] == ["96-50-0"]
     check_kept(name, records)
+
+
+def test_needle_passkey_table(tmp_path: Path) -> None:
+    """benchmarks/frontier_needle_passkey_table.py: one row per method in the docs' order, misses with their answer."""
+    from benchmarks.frontier_needle_passkey_table import markdown
+
+    (tmp_path / "passkey" / "m_128").mkdir(parents=True)
+    for method, preds in (("tova", [" 60494.", " 6049."]), ("fullkv", [" 60494", " 60494"])):
+        (tmp_path / "passkey" / "m_128" / f"{method}.jsonl").write_text("".join(
+            json.dumps({"depth": depth, "passkey": "60494", "pred": pred}) + "\n" for depth, pred in zip((0, 50), preds)))
+    (tmp_path / "needle" / "m_tova_128").mkdir(parents=True)
+    for depth, recall in ((0, 1.0), (100, 0.5)):
+        (tmp_path / "needle" / "m_tova_128" / f"len_1000_depth_{depth * 100}_results.json").write_text(json.dumps(
+            {"method": "tova", "depth_percent": float(depth), "recall": recall}))
+    header, rule, fullkv, tova = markdown(tmp_path).splitlines()
+    assert header.startswith("| method | passkey 0% |") and rule.count("---") == 13
+    assert fullkv == "| `fullkv` | 1 | - | 1 | - | - | 2/2 | - | - | - | - | - | - |"
+    assert tova == "| `tova` | 1 | - | 0 (`6049.`) | - | - | 1/2 | 1.00 | - | - | - | 0.50 | 0.75 |"
