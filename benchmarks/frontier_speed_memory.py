@@ -26,6 +26,8 @@ METHODS: list[tuple[str, str, dict]] = [
     ("tova", "tova", {}),
     ("expected_attention", "expected_attention", {}),
     ("kvzip", "kvzip", {}),
+    # the general path (padded batches, chunked prefill): the scratch prefill is not reused, the prompt runs 3 times
+    ("kvzip, 3 forwards", "kvzip", {"prefill_chunk_size": 1 << 30}),
     ("duo_attention", "duo_attention", {}),
     ("criticalkv", "criticalkv", {}),
     ("keydiff", "keydiff", {}),

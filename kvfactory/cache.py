@@ -291,6 +291,22 @@ class CompressedCache(Cache):
         if window:
             self.query_windows[layer_idx] = queries[..., -window:, :].clone()
 
+    def adopt_prefill(self, full: "CompressedCache") -> None:
+        """Compress the context ``full`` holds uncompressed (one unpadded prefill, every layer) as if it had been
+        prefilled here: KVzip's scratch prefill is the real one, so its keys and values are kept by this cache's
+        method instead of running the prefill again. Only for methods whose selection reads no queries (``layout``
+        ragged, ``query_window_size`` 0); call inside the step of the prefill (``begin_step``/``end_step``)."""
+        if self.method.query_window_size or any(store is not None for store in self.stores):
+            raise ValueError(f"{self.method.name}: adopt_prefill needs an empty cache and a method that keeps no "
+                             "queries")
+        self.num_query_heads = full.num_query_heads
+        for layer_idx in range(self.num_layers):
+            keys, values = full[layer_idx]
+            positions = full.kept_positions(layer_idx)[:, 0].long()
+            batch, _, n, dim = keys.shape
+            unread = keys.new_zeros(()).expand(batch, self.num_query_heads, n, dim)  # selection reads no queries
+            self._prefill(layer_idx, unread, keys, values, positions, None)
+
     def _compress_chunk(self, layer_idx: int, queries: torch.Tensor) -> None:
         """A chunk of a chunked prefill was appended: compress to the prefill capacity, scoring with its queries."""
         store = self.stores[layer_idx]

@@ -212,10 +212,22 @@ class PatchHandle:
             if cache is not None:
                 arguments["past_key_values"] = cache
             valid = self._new_token_validity(arguments.get("attention_mask"), new_tokens)
+            chunk = self.method.prefill_chunk_size
             if (cache is not None and cache.get_seq_length() == 0 and self.method.reconstructs_context
                     and not self._reconstructing):
-                self._reconstruct(forward, arguments.get("input_ids"), valid)
-            chunk = self.method.prefill_chunk_size
+                # one unpadded sample, prefilled whole: the scratch prefill is this prefill (same forward, same
+                # keys, values and output); its cache is compressed instead of prefilling a second time
+                reuse = chunk is None and valid is None and inputs.shape[0] == 1
+                reused = self._reconstruct(forward, arguments.get("input_ids"), valid,
+                                           (arguments, extra) if reuse else None)
+                if reused is not None:
+                    output, scratch = reused
+                    with self._running(cache, None, 1, new_tokens, arguments.get("input_ids")):
+                        cache.adopt_prefill(scratch)
+                    if isinstance(output, tuple):
+                        return (output[0], cache, *output[2:])
+                    output.past_key_values = cache
+                    return output
             if chunk is not None and cache is not None and cache.get_seq_length() == 0 and new_tokens > chunk:
                 return self._prefill_in_chunks(forward, arguments, extra, cache, valid, chunk)
             with self._running(cache, valid, inputs.shape[0], new_tokens, arguments.get("input_ids")):
@@ -230,11 +242,13 @@ class PatchHandle:
 
         return forward
 
-    def _reconstruct(self, forward: Callable[..., Any], input_ids: torch.Tensor | None,
-                     valid: torch.Tensor | None) -> None:
+    def _reconstruct(self, forward: Callable[..., Any], input_ids: torch.Tensor | None, valid: torch.Tensor | None,
+                     call: tuple[dict[str, Any], dict[str, Any]] | None = None) -> tuple[Any, CompressedCache] | None:
         """Score each sample's context by reconstruction before its prefill (methods with ``reconstructs_context``,
         KVzip): the context into a scratch full cache, then each repeat pass over it, its queries handed to the
-        method's ``observe``; the scratch cache is dropped afterwards."""
+        method's ``observe``. With ``call`` (the prefill's own arguments and extra keywords, one unpadded sample),
+        the scratch prefill is that call: its output and the scratch cache (rolled back to the context) are returned
+        for the caller to compress instead of prefilling again; otherwise the scratch cache is dropped (None)."""
         if input_ids is None:
             raise ValueError(f"{self.method.name} reconstructs the context from its token ids: pass input_ids")
         method = self.method
@@ -245,8 +259,13 @@ class PatchHandle:
                 row = input_ids[b] if valid is None else input_ids[b][valid[b].to(input_ids.device)]
                 scratch = CompressedCache(method_registry.get("fullkv"), self.num_layers, self.spec)
                 method.begin_sample(self.num_layers, heads, row.shape[0], row.device)
+                if call is None:
+                    with torch.no_grad():
+                        forward(input_ids=row[None], past_key_values=scratch, use_cache=True)
+                else:  # the prefill itself, under the caller's grad mode
+                    arguments, extra = call
+                    output = forward(**{**arguments, "past_key_values": scratch, "use_cache": True}, **extra)
                 with torch.no_grad():
-                    forward(input_ids=row[None], past_key_values=scratch, use_cache=True)
                     mark = scratch.mark()
                     for start, end, repeat in method.reconstruction_passes(row):
                         self._observer = lambda layer, queries, cache, start=start, end=end: method.observe(
@@ -258,6 +277,7 @@ class PatchHandle:
         finally:
             self._observer = None
             self._reconstructing = False
+        return None if call is None else (output, scratch)
 
     @staticmethod
     def _prefill_in_chunks(forward: Callable[..., Any], arguments: dict[str, Any], extra: dict[str, Any],

@@ -457,6 +457,35 @@ def test_kvzip_keeps_what_reconstruction_attends_to(layerwise: bool) -> None:
         methods.get("kvzip").select_mask(*[torch.randn(1, 2, 8, 4)] * 3)
 
 
+def test_kvzip_compresses_its_scratch_prefill_instead_of_prefilling_twice() -> None:
+    """One unpadded sample: the scratch prefill is the prefill (2 forwards instead of 3: scratch + repeat), with the
+    same logits, kept tokens, bytes and generation as the three-forward path (forced by ``prefill_chunk_size``
+    above the prompt length, which takes the general path without chunking)."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, 100, (1, 50), generator=torch.Generator().manual_seed(13))
+    calls = []
+    hook = model.model.layers[0].self_attn.register_forward_hook(lambda *_: calls.append(1))
+    runs = {}
+    try:
+        for name, extra in (("adopted", {}), ("three passes", {"prefill_chunk_size": 1000})):
+            calls.clear()
+            with kvfactory.patch(model, "kvzip", max_capacity_prompt=12, **extra) as handle, torch.no_grad():
+                out = model(ids, use_cache=True)
+                forwards = len(calls)
+                generated = model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+                runs[name] = (forwards, out.logits, out.past_key_values, generated, handle.last_cache.nbytes())
+    finally:
+        hook.remove()
+    (forwards, logits, cache, generated, _), (forwards_3, logits_3, cache_3, generated_3, _) = runs.values()
+    assert (forwards, forwards_3) == (2, 3)
+    assert torch.equal(logits, logits_3) and torch.equal(generated, generated_3)
+    for layer in range(2):
+        assert torch.equal(cache.kept_positions(layer), cache_3.kept_positions(layer))
+        assert all(torch.equal(a, b) for a, b in zip(cache[layer], cache_3[layer]))
+    assert cache.get_seq_length() == 50 and cache.nbytes() == cache_3.nbytes() and runs["adopted"][4] == runs[
+        "three passes"][4]
+
+
 # ------------------------------------------------------------------------------------ every new method, end to end
 @pytest.mark.parametrize("name", NEW)
 def test_padded_batch_keeps_what_each_sample_keeps_alone(name: str) -> None:
@@ -486,7 +515,7 @@ def test_padded_batch_keeps_what_each_sample_keeps_alone(name: str) -> None:
 @pytest.mark.parametrize("name", NEW)
 def test_every_new_method_runs_in_the_runners(name: str, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """run_needle, run_ppl and run_speed accept each method by name with the usual budget flag (a tiny Llama with a
-    word tokenizer; run_passkey on SmolLM2 is in docs/methods.md's commands)."""
+    word tokenizer; run_longbench, run_ruler and run_passkey: tests/test_frontier_runners.py)."""
     import run_needle
     import run_ppl
     import run_speed

@@ -123,10 +123,11 @@ class KVzip(BudgetedCompressor):
         step = max(1, (1 << 24) // max(1, num_q_heads * subset.shape[2]))
         for first in range(0, m, step):
             last = min(m, first + step)
-            logits = grouped[:, :, :, first:last] @ subset[:, :, None].transpose(-1, -2) / math.sqrt(dim)
+            # in place where the reference allocates (the same numbers): the fp32 logits dominate KVzip's cost
+            logits = (grouped[:, :, :, first:last] @ subset[:, :, None].transpose(-1, -2)).div_(math.sqrt(dim))
             rows = torch.arange(first, last, device=keys.device)[:, None]
             future = torch.arange(m, device=keys.device)[None, :] > rows  # causal among the repeat tokens
-            logits[..., -m:] = logits[..., -m:].masked_fill(future, float("-inf"))
+            logits[..., -m:].masked_fill_(future, float("-inf"))
             weights = logits.softmax(dim=-1)[..., sink : sink + end - start]
             best = torch.maximum(best, weights.amax(dim=(2, 3))[0])
         self._scores[layer_idx][:, start:end] = best
