@@ -287,7 +287,9 @@ at::Tensor run_sources(const at::Tensor& query, const Shape& s, int64_t num_kv_h
   for (const Source& src : sources) work += src.count * rows * (src.quantized ? kQuantizedWeight : 1);
   const int64_t grain = work < kSerialWork ? std::max<int64_t>(items, 1) : 1;
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> logits, scratch;
+    // kept per thread between calls: a tile of 512 tokens is over malloc's mmap threshold, and mapping it afresh
+    // every call (page faults on every first touch) cost as much as attending it
+    thread_local std::vector<float> logits, scratch;
     for (int64_t item = begin; item < end; ++item) {
       const Source& src = sources[item];
       float* base = partial.data() + item * rows * (d + 2);
