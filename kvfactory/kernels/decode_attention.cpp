@@ -266,8 +266,9 @@ void attend_chunk(const Shape& s, const Source& src, const float* q, float* m, f
   }
 }
 
-// Below this many (row, token) logits a call runs on one thread (measured: C=128 tokens per head, 3 KV heads).
-constexpr int64_t kSerialWork = 1 << 15;
+// Below this many (row, token) logits a call runs on one thread (C=128 tokens per head, 3 KV heads: 1.2k logits,
+// serial; C=1024: 9k logits, on every thread as the dense store's sdpa is).
+constexpr int64_t kSerialWork = 1 << 13;
 constexpr int64_t kQuantizedWeight = 4;
 
 // Runs every source and merges the chunks of each (batch, KV head). query (B, Hq, nq, d) fp32 contiguous.
