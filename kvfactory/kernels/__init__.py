@@ -113,7 +113,7 @@ def quantized_decode_attention(query: torch.Tensor, blocks: list[tuple[torch.Ten
     Each block is ``(key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, valid)``, as
     :class:`~kvfactory.quant.groups.GroupQuantized` holds them (keys per channel in groups of ``key_group``
     tokens, values per token in groups of ``value_group`` channels; ``valid (B, n)`` bool or None); the residual
-    ``(B, Hkv, R, d)`` fp32 holds the ``nq`` new tokens last (causal among them). Returns ``(B, Hq, nq, d)`` fp32.
+    ``(B, Hkv, R, d)`` fp32 (rows contiguous; a view of a buffer with headroom is read in place) holds the ``nq`` new tokens last (causal among them). Returns ``(B, Hq, nq, d)`` fp32.
     Call only when :func:`decode_kernels_available`.
     """
     empty = torch.empty(0, dtype=torch.bool)

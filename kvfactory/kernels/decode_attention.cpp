@@ -5,17 +5,15 @@
 // chunks of a (batch, KV head) at the end. GQA is native: the g query heads of a KV head and the nq new tokens form
 // the g*nq rows of one problem (row r = head-in-group * nq + token), so every key is read once for all of them.
 //
-// Quantized chunks read KIVI's packed codes directly (kvfactory.quant.groups / packing), nothing dequantized is
-// materialised:
-//   keys per channel, a group of G tokens shares scale s[c] and zero z[c]:
-//     q.k_t = sum_c q_c (z_c + s_c code_tc) = (q.z) + sum_c (q_c s_c) code_tc
-//   so per group the rows' q*s and q.z are formed once, then each token costs one unpack and g*nq dot products;
-//   values per token, a group of Gv channels shares s_t,z_t:
-//     sum_t p_t v_t = sum_t (p_t s_t) code_t + sum_t p_t z_t.
+// Quantized chunks read KIVI's packed codes (kvfactory.quant.groups / packing); no dequantized cache is
+// materialised: each chunk (at most kChunk tokens) is dequantized a side at a time into one L2-sized tile, keys per
+// channel (a group of G tokens shares scale s[c] and zero z[c]), values per token (a group of Gv channels shares
+// s_t, z_t), k = z + s * code as kvfactory dequantizes, then attended with two BLAS calls as a dense chunk is.
 // Codes of one byte are 8/b channels apart in the packed order (channel per_byte*j + slot at bit nbits*slot): the
-// kernel works in the permuted "slot-major" order (q*s permuted once per group, the value accumulator un-permuted
-// once per chunk), so unpacking is a contiguous shift-and-mask loop the compiler vectorizes.
-//
+// tile keeps the permuted "slot-major" order (the query permuted once per chunk, the output un-permuted once), so
+// dequantizing is a contiguous shift-mask-multiply-add loop the compiler vectorizes. (An earlier version folded the
+// scales into the query and multiplied raw codes per 128-token group and bit slot: 16 small BLAS calls per chunk
+// instead of 2, slower at every context measured.)
 // Registered as torch.ops.kvfactory.quantized_decode_attention and torch.ops.kvfactory.ragged_decode_attention.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -31,6 +29,10 @@
 #include <cstdint>
 #include <limits>
 #include <vector>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -119,34 +121,86 @@ void gemm(char transa, char transb, int64_t m, int64_t n, int64_t k, float alpha
   sgemm_(&transa, &transb, &im, &in, &ik, &alpha, a, &ilda, b, &ildb, &beta, c, &ildc);
 }
 
-// Tokens unpacked at once: their codes, as floats, stay in L1/L2 (tile_tokens * head_dim floats).
-constexpr int64_t kTileTokens = 128;
+// channel of slot-major index i
+inline int64_t channel_of(int64_t i, int64_t per_byte, int64_t width) { return (i % width) * per_byte + i / width; }
 
-// Unpacks `tokens` consecutive packed rows (tokens x width bytes, contiguous) into per_byte slot planes, each
-// (tokens x width) floats row-major: plane[slot][t * width + j] = code of channel per_byte * j + slot of token t,
-// minus the middle level (2^b - 1) / 2. Centred codes keep the running sums free of the systematic offset that
-// min-based zero-points add (sum_t p_t z_t and sum_t p_t s_t code_t would both be large and nearly cancel, which
-// costs fp32 precision); the zero term becomes the group's mid-range value. One long loop per slot: vectorized.
-void unpack_tile(const uint8_t* packed, int64_t tokens, int64_t nbits, int64_t width, float* planes) {
-  const float middle = static_cast<float>((1 << nbits) - 1) * 0.5f;
-  const int64_t total = tokens * width;
-  if (nbits == 8) {
-#pragma omp simd
-    for (int64_t i = 0; i < total; ++i) planes[i] = static_cast<float>(packed[i]) - middle;
-    return;
-  }
-  const int per_byte = 8 / static_cast<int>(nbits);
+// Dequantizes one token's packed codes (`width` bytes, j = 0..width-1) into its per_byte slot runs:
+// out[slot * out_stride + j] = z + s * ((in[j] >> (slot * nbits)) & mask), where s, z are scale[slot * width + j],
+// zero[...] (keys: one per channel, slot-major) or, kBroadcast, scale[0], zero[0] (values: one per group). Each
+// 16 codes (AVX-512, a masked tail) or 8 (AVX2) are widened once and shifted per slot; compilers left the plain
+// loop scalar for the short runs of 2-bit codes (16 bytes per 64 channels).
+template <bool kBroadcast>
+inline void dequantize_slots(const uint8_t* in, int64_t width, int64_t per_byte, int64_t nbits, const float* scale,
+                             const float* zero, float* out, int64_t out_stride) {
   const unsigned mask = (1u << nbits) - 1u;
-  for (int slot = 0; slot < per_byte; ++slot) {
-    const int shift = slot * static_cast<int>(nbits);
-    float* dst = planes + slot * total;
-#pragma omp simd
-    for (int64_t i = 0; i < total; ++i) dst[i] = static_cast<float>((packed[i] >> shift) & mask) - middle;
+  int64_t j = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+  const __m512i vmask = _mm512_set1_epi32(static_cast<int>(mask));
+  for (; j < width; j += 16) {
+    const __mmask16 live = width - j >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                            : static_cast<__mmask16>((1u << (width - j)) - 1u);
+    const __m512i codes = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(live, in + j));
+    for (int64_t slot = 0; slot < per_byte; ++slot) {
+      const __m512i shifted = _mm512_srl_epi32(codes, _mm_cvtsi32_si128(static_cast<int>(slot * nbits)));
+      const __m512 x = _mm512_cvtepi32_ps(_mm512_and_si512(shifted, vmask));
+      const __m512 sc = kBroadcast ? _mm512_set1_ps(scale[0]) : _mm512_maskz_loadu_ps(live, scale + slot * width + j);
+      const __m512 ze = kBroadcast ? _mm512_set1_ps(zero[0]) : _mm512_maskz_loadu_ps(live, zero + slot * width + j);
+      _mm512_mask_storeu_ps(out + slot * out_stride + j, live, _mm512_fmadd_ps(x, sc, ze));
+    }
+  }
+#elif defined(__AVX2__) && defined(__FMA__)
+  const __m256i vmask = _mm256_set1_epi32(static_cast<int>(mask));
+  for (; j + 8 <= width; j += 8) {
+    const __m256i codes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(in + j)));
+    for (int64_t slot = 0; slot < per_byte; ++slot) {
+      const __m256i shifted = _mm256_srl_epi32(codes, _mm_cvtsi32_si128(static_cast<int>(slot * nbits)));
+      const __m256 x = _mm256_cvtepi32_ps(_mm256_and_si256(shifted, vmask));
+      const __m256 sc = kBroadcast ? _mm256_set1_ps(scale[0]) : _mm256_loadu_ps(scale + slot * width + j);
+      const __m256 ze = kBroadcast ? _mm256_set1_ps(zero[0]) : _mm256_loadu_ps(zero + slot * width + j);
+      _mm256_storeu_ps(out + slot * out_stride + j, _mm256_fmadd_ps(x, sc, ze));
+    }
+  }
+#endif
+  for (; j < width; ++j) {
+    for (int64_t slot = 0; slot < per_byte; ++slot) {
+      const float x = static_cast<float>((in[j] >> (slot * nbits)) & mask);
+      const int64_t side = kBroadcast ? 0 : slot * width + j;
+      out[slot * out_stride + j] = std::fma(x, scale[side], zero[side]);
+    }
   }
 }
 
-// channel of slot-major index i
-inline int64_t channel_of(int64_t i, int64_t per_byte, int64_t width) { return (i % width) * per_byte + i / width; }
+// Dequantizes a chunk's keys into tile (count x d floats, each row in slot-major order): per key group of G tokens
+// the channels' scales and zero-points are permuted once, then each token is dequantized (k = z + s * code, as
+// kvfactory.quant.groups dequantizes).
+void dequantize_keys(const Shape& s, const Source& src, float* tile, float* scale, float* zero) {
+  const int64_t d = s.head_dim, per_byte = 8 / s.nbits, width = d / per_byte;
+  for (int64_t start = 0; start < src.count; start += s.key_group) {
+    const int64_t group = start / s.key_group, end = std::min(src.count, start + s.key_group);
+    for (const auto i : c10::irange(d)) {
+      const int64_t c = channel_of(i, per_byte, width);
+      scale[i] = src.key_scale[group * d + c];
+      zero[i] = src.key_zero[group * d + c];
+    }
+    for (int64_t t = start; t < end; ++t) {
+      dequantize_slots<false>(src.key_codes + t * width, width, per_byte, s.nbits, scale, zero, tile + t * d, width);
+    }
+  }
+}
+
+// Dequantizes a chunk's values into tile (count x d, slot-major rows): per token, each group of Gv channels shares
+// a scale and zero-point; in slot-major order a group is the same j-range [g * Gv / per_byte, ...) of every slot.
+void dequantize_values(const Shape& s, const Source& src, float* tile) {
+  const int64_t d = s.head_dim, per_byte = 8 / s.nbits, width = d / per_byte;
+  const int64_t vgroups = d / s.value_group, group_width = s.value_group / per_byte;
+  for (const auto t : c10::irange(src.count)) {
+    for (const auto g : c10::irange(vgroups)) {
+      const float sc = src.value_scale[t * vgroups + g], ze = src.value_zero[t * vgroups + g];
+      dequantize_slots<true>(src.value_codes + t * width + g * group_width, group_width, per_byte, s.nbits, &sc, &ze,
+                             tile + t * d + g * group_width, width);
+    }
+  }
+}
 
 // Masks the logits (rows x count) of tokens a row must not see: invalid ones, and causality among the new tokens.
 void mask_logits(const Shape& s, const Source& src, float* logits) {
@@ -160,48 +214,33 @@ void mask_logits(const Shape& s, const Source& src, float* logits) {
   }
 }
 
-// Attends one chunk: writes m (rows), l (rows) and acc (rows x d, natural channel order).
+// Attends one chunk: writes m (rows), l (rows) and acc (rows x d, natural channel order). A quantized chunk is
+// dequantized a side at a time into one L2-sized tile (count x d; never the whole cache) in the packed slot-major
+// channel order, attended with the query permuted to that order, and its output un-permuted: two BLAS calls per
+// chunk, as for a dense chunk (many small per-group calls cost more than the multiplications themselves).
 void attend_chunk(const Shape& s, const Source& src, const float* q, float* m, float* l, float* acc,
                   std::vector<float>& logits, std::vector<float>& scratch) {
   const int64_t rows = s.rows, d = s.head_dim, count = src.count;
   logits.resize(rows * count);
   float* P = logits.data();  // rows x count, row-major (column-major count x rows, ld count)
+  const float* keys = src.k;
+  const float* query = q;
+  int64_t stride = src.row_stride;
+  float *tile = nullptr, *permuted = nullptr;
   const int64_t per_byte = src.quantized ? 8 / s.nbits : 1, width = d / per_byte;
-  if (src.quantized) scratch.resize(kTileTokens * d + 2 * rows * d + rows * (d + 1));
-  float* tile = scratch.data();
-  // -- logits
-  if (!src.quantized) {
-    gemm('T', 'N', count, rows, d, 1.f, src.k, src.row_stride, q, d, 0.f, P, count);
-  } else {
-    const float middle = static_cast<float>((1 << s.nbits) - 1) * 0.5f;
-    float* qs = tile + kTileTokens * d;  // rows x d, slot-major: q * key scale
-    float* qz = qs + rows * d;           // rows: q . (zero + middle * scale)
-    for (int64_t start = 0; start < count; start += s.key_group) {
-      const int64_t group = start / s.key_group, tokens = std::min(count, start + s.key_group) - start;
-      for (const auto r : c10::irange(rows)) {
-        float zsum = 0.f;
-        for (const auto i : c10::irange(d)) {
-          const int64_t c = channel_of(i, per_byte, width);
-          const float scale = src.key_scale[group * d + c];
-          qs[r * d + i] = q[r * d + c] * scale;
-          zsum += q[r * d + c] * (src.key_zero[group * d + c] + middle * scale);
-        }
-        qz[r] = zsum;
-      }
-      for (int64_t t0 = 0; t0 < tokens; t0 += kTileTokens) {
-        const int64_t n = std::min(kTileTokens, tokens - t0);
-        unpack_tile(src.key_codes + (start + t0) * width, n, s.nbits, width, tile);
-        for (const auto slot : c10::irange(per_byte)) {  // logits (n x rows) += plane (n x W) . qs_slot (W x rows)
-          gemm('T', 'N', n, rows, width, 1.f, tile + slot * n * width, width, qs + slot * width, d,
-               slot ? 1.f : 0.f, P + start + t0, count);
-        }
-        for (const auto r : c10::irange(rows)) {
-          float* row = P + r * count + start + t0;
-          for (const auto t : c10::irange(n)) row[t] += qz[r];
-        }
-      }
+  if (src.quantized) {
+    scratch.resize(count * d + 2 * rows * d + 2 * d);
+    tile = scratch.data();
+    permuted = tile + count * d;  // rows x d: the query, then the output, in slot-major order
+    float* sides = permuted + rows * d;
+    dequantize_keys(s, src, tile, sides, sides + d);
+    for (const auto r : c10::irange(rows)) {
+      for (const auto i : c10::irange(d)) permuted[r * d + i] = q[r * d + channel_of(i, per_byte, width)];
     }
+    keys = tile, query = permuted, stride = d;
   }
+  // -- logits
+  gemm('T', 'N', count, rows, d, 1.f, keys, stride, query, d, 0.f, P, count);
   mask_logits(s, src, P);
   // -- softmax statistics of the chunk
   for (const auto r : c10::irange(rows)) {
@@ -220,48 +259,17 @@ void attend_chunk(const Shape& s, const Source& src, const float* q, float* m, f
     gemm('N', 'N', d, rows, count, 1.f, src.v, src.row_stride, P, count, 0.f, acc, d);
     return;
   }
-  const float middle = static_cast<float>((1 << s.nbits) - 1) * 0.5f;
-  const int64_t vgroups = d / s.value_group, group_width = s.value_group / per_byte;  // j-range per value group
-  float* permuted = tile + kTileTokens * d;      // rows x d slot-major accumulator
-  float* weights = permuted + rows * d;          // kTileTokens x rows (column-major): p * value scale
-  float* zeros = weights + kTileTokens * rows;   // rows x vgroups: sum_t p_t (z_t + middle * s_t)
-  scratch.resize(kTileTokens * d + rows * d + kTileTokens * rows + rows * vgroups);
-  tile = scratch.data(), permuted = tile + kTileTokens * d, weights = permuted + rows * d;
-  zeros = weights + kTileTokens * rows;
-  std::fill(permuted, permuted + rows * d, 0.f);
-  std::fill(zeros, zeros + rows * vgroups, 0.f);
-  for (int64_t t0 = 0; t0 < count; t0 += kTileTokens) {
-    const int64_t n = std::min(kTileTokens, count - t0);
-    unpack_tile(src.value_codes + t0 * width, n, s.nbits, width, tile);
-    for (const auto g : c10::irange(vgroups)) {
-      for (const auto r : c10::irange(rows)) {
-        const float* p = P + r * count + t0;
-        float* w = weights + r * n;
-        float zsum = 0.f;
-        for (const auto t : c10::irange(n)) {
-          const float step = src.value_scale[(t0 + t) * vgroups + g];
-          w[t] = p[t] * step;
-          zsum += p[t] * (src.value_zero[(t0 + t) * vgroups + g] + middle * step);
-        }
-        zeros[r * vgroups + g] += zsum;
-      }
-      for (const auto slot : c10::irange(per_byte)) {  // acc (gw x rows) += plane^T (gw x n) . weights (n x rows)
-        const int64_t offset = slot * width + g * group_width;
-        gemm('N', 'N', group_width, rows, n, 1.f, tile + slot * n * width + g * group_width, width, weights, n,
-             1.f, permuted + offset, d);
-      }
-    }
-  }
+  dequantize_values(s, src, tile);
+  gemm('N', 'N', d, rows, count, 1.f, tile, d, P, count, 0.f, permuted, d);
   for (const auto r : c10::irange(rows)) {
-    for (const auto i : c10::irange(d)) {
-      const int64_t c = channel_of(i, per_byte, width);
-      acc[r * d + c] = permuted[r * d + i] + zeros[r * vgroups + c / s.value_group];
-    }
+    for (const auto i : c10::irange(d)) acc[r * d + channel_of(i, per_byte, width)] = permuted[r * d + i];
   }
 }
 
-// Below this many (row, token) logits a call runs on one thread (measured: C=128 tokens per head, 3 KV heads).
-constexpr int64_t kSerialWork = 1 << 15;
+// Below this many (row, token) logits a call runs on one thread (C=128 tokens per head, 3 KV heads: 1.2k logits,
+// serial; C=1024: 9k logits, on every thread as the dense store's sdpa is).
+constexpr int64_t kSerialWork = 1 << 13;
+constexpr int64_t kQuantizedWeight = 4;
 
 // Runs every source and merges the chunks of each (batch, KV head). query (B, Hq, nq, d) fp32 contiguous.
 at::Tensor run_sources(const at::Tensor& query, const Shape& s, int64_t num_kv_heads,
@@ -275,10 +283,14 @@ at::Tensor run_sources(const at::Tensor& query, const Shape& s, int64_t num_kv_h
   std::vector<float> partial(items * rows * (d + 2));
   // a small cache is attended on the calling thread: waking the pool would cost more than the work
   int64_t work = 0;
-  for (const Source& src : sources) work += src.count * rows;
+  // a quantized token costs its dequantization besides its logits: weighted so that a 2k-token KIVI layer of
+  // SmolLM2 (18k logits, 0.4-0.5 ms on one thread) runs on every thread, as sdpa's fullkv step does
+  for (const Source& src : sources) work += src.count * rows * (src.quantized ? kQuantizedWeight : 1);
   const int64_t grain = work < kSerialWork ? std::max<int64_t>(items, 1) : 1;
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> logits, scratch;
+    // kept per thread between calls: a tile of 512 tokens is over malloc's mmap threshold, and mapping it afresh
+    // every call (page faults on every first touch) cost as much as attending it
+    thread_local std::vector<float> logits, scratch;
     for (int64_t item = begin; item < end; ++item) {
       const Source& src = sources[item];
       float* base = partial.data() + item * rows * (d + 2);
@@ -344,9 +356,14 @@ at::Tensor quantized_decode_attention(const at::Tensor& query, at::TensorList ke
   TORCH_CHECK(nbits == 2 || nbits == 4 || nbits == 8, "nbits must be 2, 4 or 8");
   TORCH_CHECK(d % (8 / nbits) == 0 && d % value_group == 0 && value_group % (8 / nbits) == 0,
               "head_dim and the value group must be multiples of the codes per byte");
-  TORCH_CHECK(residual_keys.scalar_type() == at::kFloat && residual_keys.is_contiguous() &&
-                  residual_values.scalar_type() == at::kFloat && residual_values.is_contiguous(),
-              "residual keys/values must be contiguous float32 (B, Hkv, R, d)");
+  // the residual may be a view of a store's buffer with headroom: rows contiguous, any batch and head strides
+  const auto rows_contiguous = [d](const at::Tensor& t) {
+    return t.scalar_type() == at::kFloat && t.dim() == 4 && t.size(3) == d && t.stride(3) == 1 &&
+           (t.stride(2) == d || t.size(2) <= 1);
+  };
+  TORCH_CHECK(rows_contiguous(residual_keys) && rows_contiguous(residual_values) &&
+                  residual_values.sizes() == residual_keys.sizes(),
+              "residual keys/values must be float32 (B, Hkv, R, d) with contiguous rows");
   const int64_t residual = residual_keys.size(2);
   TORCH_CHECK(residual == 0 || residual >= s.nq, "the new tokens must be in the residual (or no residual)");
   std::vector<Source> sources;
@@ -384,8 +401,8 @@ at::Tensor quantized_decode_attention(const at::Tensor& query, at::TensorList ke
       if (residual) {
         Source src;
         src.batch = b, src.head = h, src.count = residual, src.causal_base = residual - s.nq;
-        src.k = residual_keys.data_ptr<float>() + (b * num_kv_heads + h) * residual * d;
-        src.v = residual_values.data_ptr<float>() + (b * num_kv_heads + h) * residual * d;
+        src.k = residual_keys.data_ptr<float>() + b * residual_keys.stride(0) + h * residual_keys.stride(1);
+        src.v = residual_values.data_ptr<float>() + b * residual_values.stride(0) + h * residual_values.stride(1);
         src.row_stride = d;
         if (residual_valid.numel()) src.valid = residual_valid.data_ptr<bool>() + b * residual;
         sources.push_back(src);

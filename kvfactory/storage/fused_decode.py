@@ -87,7 +87,7 @@ def quantized_store_attend(store: Any, queries: torch.Tensor, spec: AttentionSpe
     blocks = [(b.keys.quantized.packed, b.keys.quantized.scale, b.keys.quantized.zero, b.values.quantized.packed,
                b.values.quantized.scale, b.values.quantized.zero, b.valid) for b in store.blocks]
     output = backend.quantized_decode_attention(
-        queries.float(), blocks, residual.keys.float().contiguous(), residual.values.float().contiguous(),
+        queries.float(), blocks, residual.keys.float(), residual.values.float(),
         residual.valid, quantizer.nbits, quantizer.q_group_size, quantizer.value_group(queries.shape[-1]))
     return output.to(queries.dtype)
 
