@@ -98,7 +98,8 @@ def timing(model, tokenizer, budget: int, length: int, model_path: str) -> None:
     for _ in range(3):
         for name in runs:
             with kvfactory.patch(model, name, max_capacity_prompt=budget):
-                runs[name].append(measure(model, ids, method=name, new_tokens=32, repeats=1, warmup=1))
+                runs[name].append(measure(model, ids, method=name, new_tokens=32, repeats=1, warmup=1,
+                                          track_memory=False))
     snap, ada = runs["snapkv"][-1], runs["adakv"][-1]
     heads = model.config.num_key_value_heads
     token_bytes = snap.prefill_cache_bytes / (snap.kept_tokens * heads * model.config.num_hidden_layers)
@@ -117,8 +118,11 @@ def timing(model, tokenizer, budget: int, length: int, model_path: str) -> None:
     prompts = [make_passkey_sample(tokenizer, length - 40 * i, DEPTHS[i % 7], seed=i).input_ids for i in range(8)]
     batch, mask = left_pad(prompts, tokenizer.pad_token_id, "cpu")
     with kvfactory.patch(model, "snapkv", max_capacity_prompt=budget):
-        together = measure(model, batch, method="snapkv", new_tokens=32, repeats=1, warmup=1, attention_mask=mask)
-        alone = [measure(model, torch.tensor([p]), method="snapkv", new_tokens=32, repeats=1, warmup=0) for p in prompts]
+        # times only: no untimed memory-counting run between the timed ones (it would warm or disturb the next)
+        together = measure(model, batch, method="snapkv", new_tokens=32, repeats=1, warmup=1, attention_mask=mask,
+                           track_memory=False)
+        alone = [measure(model, torch.tensor([p]), method="snapkv", new_tokens=32, repeats=1, warmup=0,
+                         track_memory=False) for p in prompts]
     decode_one = sum(r.decode_seconds for r in alone)
     total_one = sum(r.prefill_seconds + r.decode_seconds for r in alone)
     print(f"[3] 8 prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens, snapkv C={budget}, 32 new tokens:"
