@@ -31,10 +31,13 @@ def prompt(tokenizer, length: int) -> torch.Tensor:
 
 
 def run(model, ids: torch.Tensor, method: str, new_tokens: int, repeats: int, warmup: int, **params) -> SpeedResult:
+    # times and cache bytes only: no memory-counting run after each timed one (it would disturb the next timed run)
     if method == "unpatched":
-        return measure(model, ids, method=method, new_tokens=new_tokens, repeats=repeats, warmup=warmup)
+        return measure(model, ids, method=method, new_tokens=new_tokens, repeats=repeats, warmup=warmup,
+                       track_memory=False)
     with kvfactory.patch(model, method, **params):
-        return measure(model, ids, method=method, new_tokens=new_tokens, repeats=repeats, warmup=warmup)
+        return measure(model, ids, method=method, new_tokens=new_tokens, repeats=repeats, warmup=warmup,
+                       track_memory=False)
 
 
 PARTS = ("overhead", "prefill", "eager", "decode")
