@@ -6,6 +6,30 @@ import triton.language as tl
 
 
 @triton.jit
+def _unpack(ptr, rows, inside, byte_of, shift, WIDTH: tl.constexpr, NBITS: tl.constexpr):
+    """The ``NBITS``-bit codes of ``rows`` (packed ``8 // NBITS`` per byte, ``WIDTH`` bytes a row) as floats."""
+    codes = tl.load(ptr + rows[:, None] * WIDTH + byte_of[None, :], mask=inside[:, None], other=0)
+    return ((codes.to(tl.int32) >> shift[None, :]) & ((1 << NBITS) - 1)).to(tl.float32)
+
+
+@triton.jit
+def _online_softmax(best, logits):
+    """One block of flash-decoding's running softmax: the new running max, the factor that rescales what was summed
+    so far, and the block's unnormalised weights (an all-masked block gets zero weight)."""
+    new_best = tl.maximum(best, tl.max(logits, axis=0))
+    safe = tl.where(new_best == -float("inf"), 0.0, new_best)
+    return new_best, tl.exp(best - safe), tl.exp(logits - safe)
+
+
+@triton.jit
+def _store_partial(m_ptr, l_ptr, acc_ptr, pid, channels, best, total, acc, D: tl.constexpr):
+    """A program's partial result: running max, running sum and the unnormalised output row."""
+    tl.store(m_ptr + pid, best)
+    tl.store(l_ptr + pid, total)
+    tl.store(acc_ptr + pid * D + channels, acc)
+
+
+@triton.jit
 def quantized_partial(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, valid_ptr, m_ptr, l_ptr, acc_ptr,
                       n, num_kv_heads, groups, nq, HAS_VALID: tl.constexpr, D: tl.constexpr,
                       NBITS: tl.constexpr, KEY_GROUP: tl.constexpr, VALUE_GROUP: tl.constexpr,
@@ -27,8 +51,7 @@ def quantized_partial(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, val
         tokens = start + tl.arange(0, BLOCK_N)
         inside = tokens < n
         rows = problem * n + tokens
-        codes = tl.load(kc_ptr + rows[:, None] * WIDTH + byte_of[None, :], mask=inside[:, None], other=0)
-        codes = ((codes.to(tl.int32) >> shift[None, :]) & ((1 << NBITS) - 1)).to(tl.float32)
+        codes = _unpack(kc_ptr, rows, inside, byte_of, shift, WIDTH, NBITS)
         group = rows // KEY_GROUP
         scale = tl.load(ks_ptr + group[:, None] * D + channels[None, :], mask=inside[:, None], other=0.0)
         zero = tl.load(kz_ptr + group[:, None] * D + channels[None, :], mask=inside[:, None], other=0.0)
@@ -37,21 +60,16 @@ def quantized_partial(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, val
         if HAS_VALID:
             visible = visible & (tl.load(valid_ptr + b * n + tokens, mask=inside, other=0) != 0)
         logits = tl.where(visible, logits, -float("inf"))
-        new_best = tl.maximum(best, tl.max(logits, axis=0))
-        safe = tl.where(new_best == -float("inf"), 0.0, new_best)
-        alpha = tl.exp(best - safe)
-        p = tl.exp(logits - safe)
-        codes = tl.load(vc_ptr + rows[:, None] * WIDTH + byte_of[None, :], mask=inside[:, None], other=0)
-        codes = ((codes.to(tl.int32) >> shift[None, :]) & ((1 << NBITS) - 1)).to(tl.float32)
+        new_best, alpha, p = _online_softmax(best, logits)
+        codes = _unpack(vc_ptr, rows, inside, byte_of, shift, WIDTH, NBITS)
         side = rows[:, None] * (D // VALUE_GROUP) + (channels // VALUE_GROUP)[None, :]
         scale = tl.load(vs_ptr + side, mask=inside[:, None], other=0.0).to(tl.float32)
         zero = tl.load(vz_ptr + side, mask=inside[:, None], other=0.0).to(tl.float32)
         acc = acc * alpha + tl.sum(p[:, None] * (zero + scale * codes), axis=0)
         total = total * alpha + tl.sum(p, axis=0)
         best = new_best
-    tl.store(m_ptr + pid, best)
-    tl.store(l_ptr + pid, total)
-    tl.store(acc_ptr + pid * D + channels, acc)
+    _store_partial(m_ptr, l_ptr, acc_ptr, pid, channels, best, total, acc, D)
+
 
 @triton.jit
 def dense_partial(q_ptr, k_ptr, v_ptr, start_ptr, length_ptr, valid_ptr, m_ptr, l_ptr, acc_ptr, num_kv_heads,
@@ -81,15 +99,10 @@ def dense_partial(q_ptr, k_ptr, v_ptr, start_ptr, length_ptr, valid_ptr, m_ptr, 
         if HAS_VALID:
             visible = visible & (tl.load(valid_ptr + b * valid_stride + tokens, mask=inside, other=0) != 0)
         logits = tl.where(visible, logits, -float("inf"))
-        new_best = tl.maximum(best, tl.max(logits, axis=0))
-        safe = tl.where(new_best == -float("inf"), 0.0, new_best)
-        alpha = tl.exp(best - safe)
-        p = tl.exp(logits - safe)
+        new_best, alpha, p = _online_softmax(best, logits)
         values = tl.load(v_ptr + offsets, mask=inside[:, None], other=0.0).to(tl.float32)
         acc = acc * alpha + tl.sum(p[:, None] * values, axis=0)
         total = total * alpha + tl.sum(p, axis=0)
         best = new_best
-    tl.store(m_ptr + pid, best)
-    tl.store(l_ptr + pid, total)
-    tl.store(acc_ptr + pid * D + channels, acc)
+    _store_partial(m_ptr, l_ptr, acc_ptr, pid, channels, best, total, acc, D)
 
