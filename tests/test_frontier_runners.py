@@ -40,24 +40,6 @@ def checkpoint(tmp_path_factory) -> Path:
     return tiny_checkpoint(tmp_path_factory.mktemp("frontier") / "tiny-llama-frontier")
 
 
-@pytest.fixture(scope="module")
-def smollm2_tokenizer():
-    from kvfactory.models import load_tokenizer
-
-    try:
-        return load_tokenizer("smollm2-135m")
-    except (ImportError, OSError, ValueError) as error:
-        pytest.skip(f"the embedded SmolLM2 tokenizer is not available: {error}")
-
-
-@pytest.fixture(scope="module")
-def smollm2_sized_model(smollm2_tokenizer):
-    """Two random layers over SmolLM2's vocabulary, so the real tokenizer drives a fast model."""
-    from kvfactory.models import model_config, random_model
-
-    return random_model(model_config("tiny-llama", vocab_size=len(smollm2_tokenizer), max_position_embeddings=2048))
-
-
 @pytest.mark.parametrize("name", NEW)
 def test_longbench_runner(name: str, checkpoint: Path, tmp_path: Path) -> None:
     from kvfactory.benchmarks.longbench import run

@@ -13,24 +13,6 @@ from kvfactory.benchmarks.ruler import runner
 from kvfactory.metrics import ruler as metrics
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from kvfactory.models import load_tokenizer
-
-    try:
-        return load_tokenizer("smollm2-135m")
-    except (ImportError, OSError, ValueError) as error:
-        pytest.skip(f"the embedded SmolLM2 tokenizer is not available: {error}")
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    """Two random layers over SmolLM2's vocabulary, so the real tokenizer drives a fast model."""
-    from kvfactory.models import model_config, random_model
-
-    return random_model(model_config("tiny-llama", vocab_size=len(tokenizer), max_position_embeddings=2048))
-
-
 def parse(*argv: str):
     return run_ruler.build_parser().parse_args(list(argv))
 
@@ -39,12 +21,12 @@ def lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_generate_answer_score_and_resume(model, tokenizer, tmp_path: Path) -> None:
+def test_generate_answer_score_and_resume(smollm2_sized_model, smollm2_tokenizer, tmp_path: Path) -> None:
     args = parse("--model_path", "smollm2-135m", "--method", "fullkv,snapkv", "--max_capacity_prompts", "64",
                  "--context_lengths", "512", "--tasks", "niah_single_1,fwe,qa_1",
                  "--num_samples", "3", "--eval_batch_size", "2", "--max_new_tokens", "4",
                  "--save_dir", str(tmp_path))
-    run = runner.run_ruler(args, model, tokenizer)
+    run = runner.run_ruler(args, smollm2_sized_model, smollm2_tokenizer)
     assert run.run_dir == tmp_path / "smollm2-135m_64"
     assert run.generated == {"fullkv": 6, "snapkv": 6}
     assert "--qa_data" in run.skipped["512/qa_1"] and "squad.json" in run.skipped["512/qa_1"]
@@ -73,14 +55,14 @@ def test_generate_answer_score_and_resume(model, tokenizer, tmp_path: Path) -> N
     text = path.read_text()
     path.write_text(text[: text.rindex("{") + 12])
     stamp = data.stat().st_mtime_ns
-    again = runner.run_ruler(args, model, tokenizer)
+    again = runner.run_ruler(args, smollm2_sized_model, smollm2_tokenizer)
     assert again.generated == {"fullkv": 0, "snapkv": 1}
     assert data.stat().st_mtime_ns == stamp  # exactly num_samples lines: the generated file is reused
     assert [r["index"] for r in lines(path)] == [0, 1, 2]
     assert again.scores == run.scores
 
 
-def test_replay_ruler_format_files(model, tokenizer, tmp_path: Path) -> None:
+def test_replay_ruler_format_files(smollm2_sized_model, smollm2_tokenizer, tmp_path: Path) -> None:
     data = tmp_path / "RULER"
     kvcf = [{"index": i, "input": f"The pass code {i} is {1000 + i}. What is pass code {i}? It is",
              "outputs": [str(1000 + i)], "length": 40} for i in range(4)]
@@ -90,7 +72,7 @@ def test_replay_ruler_format_files(model, tokenizer, tmp_path: Path) -> None:
     args = parse("--method", "streamingllm", "--max_capacity_prompts", "16", "--context_lengths", "1024",
                  "--tasks", "niah_single_1,vt,cwe", "--num_samples", "3", "--data_dir", str(data),
                  "--max_new_tokens", "3", "--save_dir", str(tmp_path / "out"), "--model_path", "smollm2-135m")
-    run = runner.run_ruler(args, model, tokenizer)
+    run = runner.run_ruler(args, smollm2_sized_model, smollm2_tokenizer)
     assert run.generated == {"streamingllm": 4} and "no RULER file to replay" in run.skipped["1024/cwe"]
     records = lines(run.run_dir / "1024" / "niah_single_1" / "streamingllm.jsonl")
     assert [(r["index"], r["outputs"], r["length"]) for r in records] == [(i, [str(1000 + i)], 40) for i in range(3)]
@@ -100,23 +82,23 @@ def test_replay_ruler_format_files(model, tokenizer, tmp_path: Path) -> None:
 
     (data / "1024" / "niah_single_1.jsonl").write_text('{"index": 0, "outputs": ["1"]}\n')
     with pytest.raises(ValueError, match="record 1 is not a RULER sample .no input string"):
-        runner.run_ruler(args, model, tokenizer)
+        runner.run_ruler(args, smollm2_sized_model, smollm2_tokenizer)
 
 
-def test_chat_template_wrapper(tokenizer) -> None:
-    wrapper = runner.chat_wrapper(tokenizer)
+def test_chat_template_wrapper(smollm2_tokenizer) -> None:
+    wrapper = runner.chat_wrapper(smollm2_tokenizer)
     assert wrapper.startswith("<|im_start|>") and wrapper.endswith("{task_template}<|im_end|>\n<|im_start|>assistant\n")
-    record = ruler.generate("niah_multikey_2", tokenizer, 1024, 1, template=wrapper)[0]
+    record = ruler.generate("niah_multikey_2", smollm2_tokenizer, 1024, 1, template=wrapper)[0]
     assert record["input"].startswith("<|im_start|>system\n")
     assert "<|im_end|>\n<|im_start|>assistant\n The special magic number for " in record["input"]
     assert record["length"] <= 1024 and record["outputs"][0] in record["input"]
-    single = ruler.generate("niah_single_1", tokenizer, 1024, 1, template=wrapper)[0]["input"]
+    single = ruler.generate("niah_single_1", smollm2_tokenizer, 1024, 1, template=wrapper)[0]["input"]
     assert single.startswith(wrapper.split("{task_template}")[0] + "A special magic number is hidden")  # "You are" kept
     assert single.endswith("<|im_start|>assistant\n The special magic number for " + single.split(" for ")[-1])
-    assert runner.resolve_template("meta-chat", tokenizer) == "meta-chat"
+    assert runner.resolve_template("meta-chat", smollm2_tokenizer) == "meta-chat"
 
 
-def test_bad_arguments_are_errors(model, tokenizer, tmp_path: Path) -> None:
+def test_bad_arguments_are_errors(smollm2_sized_model, smollm2_tokenizer, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown RULER task.*niah_single_9.*accepted: all or niah_single_1"):
         runner.parse_tasks("vt,niah_single_9")
     assert runner.parse_tasks("all") == list(ruler.TASKS)
@@ -124,7 +106,7 @@ def test_bad_arguments_are_errors(model, tokenizer, tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="positive integers"):
             runner.parse_lengths(bad)
     with pytest.raises(ValueError, match="unknown --template 'llama9'; accepted: chat, base"):
-        runner.resolve_template("llama9", tokenizer)
+        runner.resolve_template("llama9", smollm2_tokenizer)
 
     class NoChat:
         chat_template = None
@@ -132,14 +114,14 @@ def test_bad_arguments_are_errors(model, tokenizer, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="needs a tokenizer with a chat template"):
         runner.chat_wrapper(NoChat())
     with pytest.raises(ValueError, match="no braces besides"):
-        ruler.generate("vt", tokenizer, 1024, 1, template="{x} {task_template}")
+        ruler.generate("vt", smollm2_tokenizer, 1024, 1, template="{x} {task_template}")
     base = ("--save_dir", str(tmp_path), "--context_lengths", "512", "--tasks", "niah_single_1")
     with pytest.raises(ValueError, match="unknown method"):
-        runner.run_ruler(parse("--method", "fullkv,snapkvv", *base), model, tokenizer)
+        runner.run_ruler(parse("--method", "fullkv,snapkvv", *base), smollm2_sized_model, smollm2_tokenizer)
     with pytest.raises(ValueError, match="eval_batch_size"):
-        runner.run_ruler(parse("--eval_batch_size", "0", *base), model, tokenizer)
+        runner.run_ruler(parse("--eval_batch_size", "0", *base), smollm2_sized_model, smollm2_tokenizer)
     with pytest.raises(ValueError, match="comes without a tokenizer"):
-        runner.run_ruler(parse("--model_path", "random:tiny-llama", *base), model, None)
+        runner.run_ruler(parse("--model_path", "random:tiny-llama", *base), smollm2_sized_model, None)
     with pytest.raises(SystemExit):
         run_ruler.main(["--tasks", "qa_3"])
 
