@@ -53,7 +53,9 @@ def main() -> int:
     model, tokenizer = kvfactory.models.load(args.model_path, attn_implementation="sdpa")
     ids = torch.tensor([make_passkey_sample(tokenizer, args.length, 0.5).input_ids])
     with kvfactory.patch(model, "fullkv"):
-        full = measure(model, ids, method="fullkv", new_tokens=args.new_tokens, repeats=1, warmup=1)
+        # times and bytes only: no memory-counting run after each timed one (it would disturb the next timed run)
+        full = measure(model, ids, method="fullkv", new_tokens=args.new_tokens, repeats=1, warmup=1,
+                       track_memory=False)
     print(f"{args.model_path}, {ids.shape[1]} tokens, C={args.budget}, one run each (fullkv prefill "
           f"{full.prefill_seconds:.2f} s, {full.prefill_cache_bytes / 2**20:.1f} MiB)")
     print(f"    {'method':<22} {'prefill/fullkv':>14} {'bytes/fullkv':>13} {'kept/head':>10}")
@@ -63,7 +65,8 @@ def main() -> int:
         if chosen is not None and label not in chosen and name not in chosen:
             continue
         with kvfactory.patch(model, name, max_capacity_prompt=args.budget, **params) as handle:
-            result = measure(model, ids, method=name, new_tokens=args.new_tokens, repeats=1, warmup=0)
+            result = measure(model, ids, method=name, new_tokens=args.new_tokens, repeats=1, warmup=0,
+                             track_memory=False)
             cache = handle.last_cache
         extra = ""
         if name == "quest":
