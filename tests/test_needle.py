@@ -108,7 +108,8 @@ def test_jobs_have_the_exact_length_and_the_needle_at_depth(tokenizer: WordToken
 
 
 # ------------------------------------------------------------------------------------------------------ end to end
-def test_end_to_end_tiny_model_and_resume(tokenizer: WordTokenizer, tmp_path: Path) -> None:
+def test_end_to_end_tiny_model_and_resume(tokenizer: WordTokenizer, tmp_path: Path,
+                                          caplog: pytest.LogCaptureFixture) -> None:
     import kvfactory
 
     model = tiny_model("llama")
@@ -119,6 +120,10 @@ def test_end_to_end_tiny_model_and_resume(tokenizer: WordTokenizer, tmp_path: Pa
         assert needle.run_needle(model, tokenizer, handle, run, haystack, stop_token_ids=[0]) == 0  # resumed
         (run.results_dir / needle_scoring.cell_filename(200, 50)).unlink()
         assert needle.run_needle(model, tokenizer, handle, run, haystack, stop_token_ids=[0]) == 1
+        longer_only = make_run(run.results_dir, [200], [0, 50, 100])  # the folder also holds the 120-token cells
+        with caplog.at_level("INFO", logger="kvfactory.benchmarks.needle"):
+            assert needle.run_needle(model, tokenizer, handle, longer_only, haystack, stop_token_ids=[0]) == 0
+        assert "3 of 3 cells already done" in caplog.text
         other = make_run(run.results_dir, [120], [0], method="h2o")
         with pytest.raises(ValueError, match="one results folder per"):
             needle.run_needle(model, tokenizer, handle, other, haystack, stop_token_ids=[0])

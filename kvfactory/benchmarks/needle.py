@@ -257,9 +257,9 @@ def run_needle(model: Any, tokenizer: Any, handle: Any, run: NeedleRun, haystack
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     store = CellStore(run)
-    if store.done_keys:
-        logger.info("%s: %d of %d cells already done, resuming", run.results_dir, len(store.done_keys),
-                    len(run.cells))
+    done_here = sum(cell_key(length, depth) in store.done_keys for length, depth in run.cells)
+    if done_here:  # the folder may also hold other lengths' cells (one folder per method and budget)
+        logger.info("%s: %d of %d cells already done, resuming", run.results_dir, done_here, len(run.cells))
     jobs = needle_jobs(tokenizer, run, haystack, stop_token_ids, skip=store.done_keys)
     return run_jobs(model, tokenizer, handle, jobs, store, batch_size=batch_size, key_field="cell",
                     description=f"needle {run.version}")
