@@ -230,15 +230,18 @@ def summarize(method: str, input_ids: torch.Tensor, new_tokens: int, runs: Seque
 def measure(model: Any, input_ids: torch.Tensor, *, method: str, new_tokens: int = 16, repeats: int = 3,
             warmup: int = 1, attention_mask: torch.Tensor | None = None, track_memory: bool = True) -> SpeedResult:
     """Median latency of ``repeats`` runs (after ``warmup``) of the model as it is (patched or not); a padded batch
-    passes its ``attention_mask``. ``track_memory`` (CPU): one more, untimed run counts the tensor peak."""
+    passes its ``attention_mask``. ``track_memory`` (CPU): one more, untimed run counts the tensor peak. It runs
+    first, before the warm-ups: timed runs right after a counting run measured slower (issue 15's A/B, where each
+    side's timed runs followed the other side's counting run), so the warm-ups absorb it, not the timed runs of this
+    call or of the next one."""
+    memory_run = _memory_run(model, input_ids, new_tokens, attention_mask, track_memory)
     for _ in range(warmup):
         run_timed(model, input_ids, min(new_tokens, 2), attention_mask)
     runs = []
     for _ in range(repeats):
         runs.append(run_timed(model, input_ids, new_tokens, attention_mask))
         runs[-1].cache = None  # keep only numbers: a held cache would weigh on the next runs
-    return summarize(method, input_ids, new_tokens, runs, memory_run=_memory_run(
-        model, input_ids, new_tokens, attention_mask, track_memory))
+    return summarize(method, input_ids, new_tokens, runs, memory_run=memory_run)
 
 
 def _memory_run(model: Any, input_ids: torch.Tensor, new_tokens: int, attention_mask: torch.Tensor | None,
