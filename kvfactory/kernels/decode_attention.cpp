@@ -124,8 +124,8 @@ void gemm(char transa, char transb, int64_t m, int64_t n, int64_t k, float alpha
   sgemm_(&transa, &transb, &im, &in, &ik, &alpha, a, &ilda, b, &ildb, &beta, c, &ildc);
 }
 
-// channel of slot-major index i (tabulated once per call in Shape::channel: two 64-bit divisions per lookup, 640
-// lookups per 512-token chunk, cost a third of a chunk's time at 2k tokens)
+// channel of slot-major index i (tabulated once per call in Shape::channel rather than computed per lookup: two
+// 64-bit divisions each, 640 lookups per 512-token chunk)
 inline int64_t channel_of(int64_t i, int64_t per_byte, int64_t width) { return (i % width) * per_byte + i / width; }
 
 // Dequantizes one token's packed codes (`width` bytes, j = 0..width-1) into its per_byte slot runs:
