@@ -38,6 +38,10 @@ _CAPABILITY_FLAGS = {
 }
 
 
+# "every token valid" for the decode kernels (an empty bool tensor; read only, shared by every call)
+_NO_VALIDITY = torch.empty(0, dtype=torch.bool)
+
+
 def cpp_kernels_enabled() -> bool:
     """Whether the optional C++ kernels may be used (``KVFACTORY_NO_CPP_KERNELS`` unset or ``0``)."""
     return os.environ.get(DISABLE_VARIABLE, "0") in ("", "0")
@@ -116,12 +120,11 @@ def quantized_decode_attention(query: torch.Tensor, blocks: list[tuple[torch.Ten
     ``(B, Hkv, R, d)`` fp32 (rows contiguous; a view of a buffer with headroom is read in place) holds the ``nq`` new tokens last (causal among them). Returns ``(B, Hq, nq, d)`` fp32.
     Call only when :func:`decode_kernels_available`.
     """
-    empty = torch.empty(0, dtype=torch.bool)
     parts = list(zip(*blocks)) if blocks else [()] * 7
-    valid = [empty if v is None else v.contiguous() for v in parts[6]]
+    valid = [_NO_VALIDITY if v is None else v.contiguous() for v in parts[6]]
     return torch.ops.kvfactory.quantized_decode_attention(
         query.contiguous(), *(list(part) for part in parts[:6]), valid, residual_keys, residual_values,
-        empty if residual_valid is None else residual_valid.contiguous(), nbits, key_group, value_group)
+        _NO_VALIDITY if residual_valid is None else residual_valid.contiguous(), nbits, key_group, value_group)
 
 
 def ragged_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
@@ -131,7 +134,6 @@ def ragged_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: tor
     (sample, KV head) sees its prefix segment (``lengths (B, Hkv)`` int64, segments one after the other) and its
     tail tokens (token-major after ``prefix_rows`` rows, ``tail_capacity`` per sample, the last ``nq`` being the
     new ones, causal among them; ``tail_valid (B, capacity)`` or None). Returns ``(B, Hq, nq, d)`` fp32."""
-    empty = torch.empty(0, dtype=torch.bool)
     return torch.ops.kvfactory.ragged_decode_attention(
         query.contiguous(), keys, values, lengths.contiguous(), prefix_rows, tail_capacity, tail_length,
-        empty if tail_valid is None else tail_valid.contiguous())
+        _NO_VALIDITY if tail_valid is None else tail_valid.contiguous())

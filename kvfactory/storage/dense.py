@@ -116,6 +116,11 @@ class DenseStore(SlotReads):
 
     # -- reading -----------------------------------------------------------------------------------------------
     @property
+    def head_dim(self) -> int:
+        """Channels per key and value (without building a view of the keys)."""
+        return self._keys.shape[-1]
+
+    @property
     def keys(self) -> torch.Tensor:
         return self._keys[:, :, : self.length]
 

@@ -65,7 +65,7 @@ def quantized_fusable(store: Any) -> bool:
         return False
     if (quantizer.key_layout, quantizer.value_layout) != ("channel", "token"):
         return False
-    head_dim = store.residual.keys.shape[-1]
+    head_dim = store.residual.head_dim
     per_byte = 8 // quantizer.nbits
     return head_dim % per_byte == 0 and quantizer.value_group(head_dim) % per_byte == 0 and all(
         block.keys.outliers is None and block.keys.low_rank is None and block.values.outliers is None
@@ -87,9 +87,14 @@ def quantized_store_attend(store: Any, queries: torch.Tensor, spec: AttentionSpe
     blocks = [(b.keys.quantized.packed, b.keys.quantized.scale, b.keys.quantized.zero, b.values.quantized.packed,
                b.values.quantized.scale, b.values.quantized.zero, b.valid) for b in store.blocks]
     output = backend.quantized_decode_attention(
-        queries.float(), blocks, residual.keys.float(), residual.values.float(),
+        _fp32(queries), blocks, _fp32(residual.keys), _fp32(residual.values),
         residual.valid, quantizer.nbits, quantizer.q_group_size, quantizer.value_group(queries.shape[-1]))
-    return output.to(queries.dtype)
+    return output if output.dtype == queries.dtype else output.to(queries.dtype)
+
+
+def _fp32(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in float32 (itself when it is: a decode step calls this per layer, and ``.float()`` is a dispatch)."""
+    return tensor if tensor.dtype == torch.float32 else tensor.float()
 
 
 def ragged_store_attend(store: Any, queries: torch.Tensor, spec: AttentionSpec,
@@ -105,6 +110,6 @@ def ragged_store_attend(store: Any, queries: torch.Tensor, spec: AttentionSpec,
     backend = _backend(queries)
     if backend is None:
         return None
-    output = backend.ragged_decode_attention(queries.float(), keys, values, store.lengths, store.prefix_size,
+    output = backend.ragged_decode_attention(_fp32(queries), keys, values, store.lengths, store.prefix_size,
                                              store.layout.tail_capacity, store.tail_length, store.tail_valid)
-    return output.to(queries.dtype)
+    return output if output.dtype == queries.dtype else output.to(queries.dtype)
