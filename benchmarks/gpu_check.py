@@ -22,26 +22,39 @@ Checks and measurements, each a row of ``{output_dir}/gpu_check.csv`` and of the
    at ``2 C`` tokens: same kept tokens, and the greedy tokens' agreement (1 required on CPU; GPU and CPU kernels
    round differently, so there it is reported).
 
+5. ``fused decode``: the decode-attention kernels of issue 20 (Triton on CUDA, ``KVFACTORY_TRITON_DECODE``; the C++
+   extension on CPU, ``KVFACTORY_NO_CPP_KERNELS``) against the fallback they replace (sdpa over the store's rows, or
+   over the dequantized cache), for the ragged family (adakv) and the quantized one (snapkv + kivi-4), at the
+   shortest context: two caches from the same prefill, each decode step run on both, alternating which goes first
+   (the fallback's greedy token feeds both). Passes when the largest logit difference is within
+   ``PARITY_TOLERANCE``; the value is TPOT fused ÷ fallback (median of the steps).
+
 Timings are one run on whatever else the machine is doing: read the ratios, not the seconds.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import gc
 import logging
+import os
+import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import kvfactory
-from kvfactory import models
+from kvfactory import kernels, models
 from kvfactory.attention import flash_attn_available
 from kvfactory.benchmarks import speed
 from kvfactory.benchmarks.memory import peak_memory
+from kvfactory.kernels import triton_decode
+from kvfactory.storage import fused_decode
 
 logger = logging.getLogger("gpu_check")
 
@@ -52,6 +65,8 @@ PARITY_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e
 SPLIT_FAMILIES = (("dense", "snapkv", {}), ("ragged", "adakv", {}),
                   ("quantized", "snapkv", {"quant_method": "kivi", "nbits": 4, "q_group_size": 32,
                                            "quant_residual_length": 32}))
+FUSED_FAMILIES = SPLIT_FAMILIES[1:]  # the stores whose decode attention has a kernel: ragged and quantized
+CHECKS = ("parity", "speed", "batch", "split", "fused")
 COLUMNS = ("check", "model", "device", "dtype", "context", "config", "value", "passed", "detail")
 
 
@@ -71,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="default cuda when available, else cpu")
     parser.add_argument("--split_layers", type=int, default=None,
                         help="layers of the split-device model (default 4; --tiny: the config's)")
-    parser.add_argument("--skip", default="", help="comma-separated checks to skip: parity,speed,batch,split")
+    parser.add_argument("--skip", default="", help=f"comma-separated checks to skip: {','.join(CHECKS)}")
     parser.add_argument("--output_dir", type=Path, default=Path("results_gpu_check"))
     args = parser.parse_args(argv)
     tiny = args.tiny
@@ -87,9 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.models = [m for m in args.models.split(",") if m]
     args.context_lengths = [int(n) for n in args.context_lengths.split(",") if n]
     args.skip = {s for s in args.skip.split(",") if s}
-    unknown = args.skip - {"parity", "speed", "batch", "split"}
+    unknown = args.skip - set(CHECKS)
     if unknown:
-        parser.error(f"--skip takes parity, speed, batch, split; got {', '.join(sorted(unknown))}")
+        parser.error(f"--skip takes {', '.join(CHECKS)}; got {', '.join(sorted(unknown))}")
     if args.budget >= min(args.context_lengths):
         parser.error(f"--budget {args.budget} must be below the shortest context {min(args.context_lengths)}")
     return args
@@ -277,6 +292,109 @@ def check_split(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+# -- 5. fused decode kernels ----------------------------------------------------------------------------------------
+def fused_switch(device: torch.device) -> tuple[str, str, str, bool]:
+    """(environment variable, its value with the fused decode kernels, its value without, whether they can run)
+    on ``device``: Triton on CUDA, the C++ extension on CPU."""
+    if device.type == "cuda":
+        return fused_decode.TRITON_VARIABLE, "1", "0", triton_decode.triton_available()
+    with _environment(kernels.DISABLE_VARIABLE, "0"):
+        return kernels.DISABLE_VARIABLE, "0", "1", kernels.decode_kernels_available()
+
+
+@contextlib.contextmanager
+def _environment(variable: str, value: str) -> Iterator[None]:
+    saved = os.environ.get(variable)
+    os.environ[variable] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[variable]
+        else:
+            os.environ[variable] = saved
+
+
+@contextlib.contextmanager
+def _counting_calls(module: Any, names: tuple[str, ...]) -> Iterator[list[int]]:
+    """Counts the calls of ``module``'s functions ``names`` (the fused kernels' entry points) while open: a store the
+    kernels do not cover (a sliding window, say) falls back on both sides, and must not read as a pass."""
+    count = [0]
+    originals = {name: getattr(module, name) for name in names}
+
+    def counted(function: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            count[0] += 1
+            return function(*args, **kwargs)
+        return call
+
+    for name, function in originals.items():
+        setattr(module, name, counted(function))
+    try:
+        yield count
+    finally:
+        for name, function in originals.items():
+            setattr(module, name, function)
+
+
+def _timed_step(model: Any, token: torch.Tensor, cache: Any, device: torch.device) -> tuple[torch.Tensor, float]:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    logits = model(token, past_key_values=cache, use_cache=True).logits[:, -1].float()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return logits, time.perf_counter() - started
+
+
+@torch.no_grad()
+def check_fused_decode(name: str, model: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
+    variable, fused, fallback, available = fused_switch(args.device)
+    length = min(args.context_lengths)
+    ids = _prompt(model.config.vocab_size, length).to(args.device)
+    tolerance = PARITY_TOLERANCE[models.resolve_dtype(args.dtype)]
+    rows = []
+    for family, method, extra in FUSED_FAMILIES:
+        label = f"{family} {method}{' ' + extra['quant_method'] if extra else ''} C={args.budget}"
+        if not available:
+            rows.append(_row("fused decode", name, args, context=length, config=label,
+                             detail=f"not run: the {'Triton' if args.device.type == 'cuda' else 'C++'} decode "
+                                    f"kernels cannot run here"))
+            continue
+        backend = triton_decode if args.device.type == "cuda" else kernels
+        with kvfactory.patch(model, method, **_method_params(method, args), **extra) as handle, \
+                _counting_calls(backend, ("ragged_decode_attention", "quantized_decode_attention")) as kernel_calls:
+            caches, seconds = {}, {fused: [], fallback: []}
+            for setting in (fused, fallback):
+                caches[setting] = handle.new_cache()
+                logits = model(ids, past_key_values=caches[setting], use_cache=True).logits[:, -1].float()
+            token, worst = logits.argmax(-1, keepdim=True), 0.0
+            for step in range(max(args.new_tokens, 2) * 2):
+                step_logits = {}
+                for setting in (fused, fallback) if step % 2 == 0 else (fallback, fused):
+                    with _environment(variable, setting):
+                        step_logits[setting], took = _timed_step(model, token, caches[setting], args.device)
+                    seconds[setting].append(took)
+                reference = step_logits[fallback]
+                difference = (step_logits[fused] - reference).abs().max().item() / reference.abs().max().item()
+                worst = max(worst, difference)
+                token = reference.argmax(-1, keepdim=True)
+            del caches
+        ratio = statistics.median(seconds[fused]) / statistics.median(seconds[fallback])
+        if not kernel_calls[0]:
+            rows.append(_row("fused decode", name, args, context=length, config=label, value=ratio,
+                             detail="not covered: the kernels were never called (this store falls back on both "
+                                    "sides, e.g. under a sliding window)"))
+            continue
+        rows.append(_row("fused decode", name, args, context=length, config=label, value=ratio,
+                         passed=worst <= tolerance,
+                         detail=f"TPOT fused / fallback ({variable}={fused} vs {fallback}); largest logit "
+                                f"difference {worst:.2e} of the largest logit over {len(seconds[fused])} steps, "
+                                f"{kernel_calls[0]} kernel calls"))
+    _free(args.device)
+    return rows
+
+
 # -- driver -------------------------------------------------------------------------------------------------------
 def _format(value: Any) -> str:
     if isinstance(value, float):
@@ -331,8 +449,11 @@ def _run(args: argparse.Namespace, started: float) -> int:
         if "parity" not in args.skip:
             rows += check_parity(name, args)
             logger.info("%s parity done at %.0f s", name, time.perf_counter() - started)
-        if not {"speed", "batch"} <= args.skip:
+        if not {"speed", "batch", "fused"} <= args.skip:
             model = models.random_model(name, dtype=args.dtype, device=args.device)
+            if "fused" not in args.skip:
+                rows += check_fused_decode(name, model, args)
+                logger.info("%s fused decode done at %.0f s", name, time.perf_counter() - started)
             if "speed" not in args.skip:
                 rows += check_speed(name, model, args)
                 logger.info("%s speed done at %.0f s", name, time.perf_counter() - started)

@@ -31,7 +31,7 @@ def test_tiny_gpu_check_passes_without_touching_cuda(gpu_check, tmp_path: Path, 
     checks = {(row["check"], row["model"]) for row in rows}
     for model in gpu_check.TINY_MODELS:
         for check in ("parity", "prefill/fullkv", "tpot/fullkv", "peak saved/kv saved", "batch8/batch1 throughput",
-                      "split device map"):
+                      "split device map", "fused decode"):
             assert (check, model) in checks, (check, model)
     parity = [row for row in rows if row["check"] == "parity"]
     assert {row["config"] for row in parity} == {"eager", "sdpa"}  # no flash-attn, no CUDA here
@@ -43,6 +43,17 @@ def test_tiny_gpu_check_passes_without_touching_cuda(gpu_check, tmp_path: Path, 
     assert {row["config"].split()[0] for row in speed_rows} == set(gpu_check.METHODS)
     assert all(float(row["value"]) > 0 for row in speed_rows)
     assert {int(row["context"]) for row in speed_rows} == {48, 96}
+    fused = {(row["model"], row["config"].split()[0]): row for row in rows if row["check"] == "fused decode"}
+    assert set(fused) == {(model, family) for model in gpu_check.TINY_MODELS for family in ("ragged", "quantized")}
+    compiled = gpu_check.fused_switch(torch.device("cpu"))[3]  # False only without a working C++ compiler
+    for (model, _), row in fused.items():  # the C++ decode kernels against the fallback, from the same prefill
+        if not compiled:
+            assert row["passed"] == "" and "cannot run here" in row["detail"]
+        elif model == "tiny-mistral":  # a sliding window: the kernels do not cover it, and the row says so
+            assert row["passed"] == "" and "not covered" in row["detail"]
+        else:
+            assert row["passed"] == "True" and float(row["value"]) > 0 and " 0 kernel calls" not in row["detail"]
+            assert float(row["detail"].split("difference ")[1].split()[0]) <= 1e-5
     table = capsys.readouterr().out
     assert "split device map" in table and "peak saved/kv saved" in table and "FAILED" not in table
 
