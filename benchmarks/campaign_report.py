@@ -180,6 +180,13 @@ def orderings(scores: Scores) -> str:
     for dataset in ("multi_news", "multifieldqa_zh"):
         lines.append("- " + compare(scores, "longbench", "128", "pyramidkv", "snapkv", where=lambda k, d=dataset: k[0] == d)
                      + f" ({dataset})")
+    lines += ["", "**5. LongBench: streamingllm below the selecting methods, and what a larger budget recovers**", ""]
+    for budget in ("128", "1024"):
+        if budget != "128":  # fullkv's runs sit in the C=128 folder
+            lines.append("- " + compare(scores, "longbench", budget, "fullkv", "snapkv", first_budget="128"))
+            lines.append("- " + compare(scores, "longbench", budget, "pyramidkv", "snapkv"))
+        for first in ("snapkv", "pyramidkv"):
+            lines.append("- " + compare(scores, "longbench", budget, first, "streamingllm"))
     return "\n".join(lines) + "\n"
 
 

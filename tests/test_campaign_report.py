@@ -25,7 +25,8 @@ def _campaign(root: Path) -> None:
                 (folder / f"len_{length}_depth_{depth * 100}_results.json").write_text(json.dumps(
                     {"method": method, "budget": budget, "model": "m", "context_length": length,
                      "depth_percent": depth, "recall": recall(depth)}))
-    for method, preds in (("pyramidkv", ["the cat sat"] * 6), ("snapkv", ["a dog ran"] * 6)):
+    for method, preds in (("pyramidkv", ["the cat sat"] * 6), ("snapkv", ["a dog ran"] * 6),
+                          ("streamingllm", ["a dog ran"] * 6)):
         _jsonl(root / "longbench" / "m_128" / "multi_news" / f"{method}.jsonl",
                [{"_id": str(i), "length": 100, "pred": pred, "answers": ["the cat sat"], "all_classes": None}
                 for i, pred in enumerate(preds)])
@@ -43,6 +44,9 @@ def test_report_tables_and_orderings(tmp_path: Path) -> None:
     assert "needle C=256: fullkv > streamingllm, difference ×100 +100.0 [+100.0, +100.0] (n=6) (middle depths" in text
     assert "longbench C=128: pyramidkv > snapkv, difference ×100 +100.0 [+100.0, +100.0] (n=6)" in text
     assert "ruler C=512: fullkv vs snapkv: not run yet" in text
+    assert "longbench C=128: pyramidkv > streamingllm, difference ×100 +100.0 [+100.0, +100.0] (n=6)" in text
+    assert "longbench C=128: snapkv ≈ streamingllm, difference ×100 +0.0 [+0.0, +0.0] (n=6)" in text
+    assert "longbench C=1024: fullkv vs snapkv: not run yet" in text
     assert (tmp_path / "figures" / "needle_qwen_c256.png").stat().st_size > 10_000
 
 
@@ -63,7 +67,7 @@ def test_longbench_scores_stand_in_for_predictions_that_are_not_committed(tmp_pa
     campaign_report.main(["--campaign_dir", str(tmp_path / "c"), "--write", str(document)])
     with_predictions = document.read_text()
     predictions = sorted((tmp_path / "c" / "longbench").glob("*/*/*.jsonl"))
-    assert [p.name for p in predictions] == ["pyramidkv.jsonl", "snapkv.jsonl"]
+    assert [p.name for p in predictions] == ["pyramidkv.jsonl", "snapkv.jsonl", "streamingllm.jsonl"]
     saved = json.loads(predictions[0].with_suffix(".scores.json").read_text())
     assert sorted(saved) == [str(i) for i in range(6)] and all(abs(v - 1.0) < 1e-6 for v in saved.values())
     for path in predictions:  # a clean clone: the gold answers are not there, the scores are
