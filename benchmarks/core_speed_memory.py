@@ -31,7 +31,7 @@ def prompt(tokenizer, length: int) -> torch.Tensor:
 
 
 def run(model, ids: torch.Tensor, method: str, new_tokens: int, repeats: int, warmup: int, **params) -> SpeedResult:
-    # times and cache bytes only: no memory-counting run after each timed one (it would disturb the next timed run)
+    # times and cache bytes only: the untimed memory-counting run would be wasted work here
     if method == "unpatched":
         return measure(model, ids, method=method, new_tokens=new_tokens, repeats=repeats, warmup=warmup,
                        track_memory=False)

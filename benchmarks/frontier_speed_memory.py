@@ -53,7 +53,7 @@ def main() -> int:
     model, tokenizer = kvfactory.models.load(args.model_path, attn_implementation="sdpa")
     ids = torch.tensor([make_passkey_sample(tokenizer, args.length, 0.5).input_ids])
     with kvfactory.patch(model, "fullkv"):
-        # times and bytes only: no memory-counting run after each timed one (it would disturb the next timed run)
+        # times and bytes only: the untimed memory-counting run would be wasted work here
         full = measure(model, ids, method="fullkv", new_tokens=args.new_tokens, repeats=1, warmup=1,
                        track_memory=False)
     print(f"{args.model_path}, {ids.shape[1]} tokens, C={args.budget}, one run each (fullkv prefill "

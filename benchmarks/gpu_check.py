@@ -338,12 +338,10 @@ def _counting_calls(module: Any, names: tuple[str, ...]) -> Iterator[list[int]]:
 
 
 def _timed_step(model: Any, token: torch.Tensor, cache: Any, device: torch.device) -> tuple[torch.Tensor, float]:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    speed.synchronize(device)
     started = time.perf_counter()
     logits = model(token, past_key_values=cache, use_cache=True).logits[:, -1].float()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    speed.synchronize(device)
     return logits, time.perf_counter() - started
 
 

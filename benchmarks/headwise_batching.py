@@ -118,7 +118,7 @@ def timing(model, tokenizer, budget: int, length: int, model_path: str) -> None:
     prompts = [make_passkey_sample(tokenizer, length - 40 * i, DEPTHS[i % 7], seed=i).input_ids for i in range(8)]
     batch, mask = left_pad(prompts, tokenizer.pad_token_id, "cpu")
     with kvfactory.patch(model, "snapkv", max_capacity_prompt=budget):
-        # times only: no untimed memory-counting run between the timed ones (it would warm or disturb the next)
+        # times only: the untimed memory-counting run would be wasted work here
         together = measure(model, batch, method="snapkv", new_tokens=32, repeats=1, warmup=1, attention_mask=mask,
                            track_memory=False)
         alone = [measure(model, torch.tensor([p]), method="snapkv", new_tokens=32, repeats=1, warmup=0,

@@ -95,7 +95,8 @@ class RunTiming:
     tensor_peak: int | None = None  # tensor bytes over the start (CUDA counter; CPU only in a tracked run)
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (CUDA; a no-op on CPU), so that a clock read after it times the work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -163,13 +164,13 @@ def _run(model: Any, input_ids: torch.Tensor, new_tokens: int, attention_mask: t
     decoder, head = model.base_model, model.get_output_embeddings()
     gc.collect()
     start, resettable = _reset_peak_memory(device)
-    _synchronize(device)
+    synchronize(device)
     started = time.perf_counter()
     output = decoder(input_ids, attention_mask=attention_mask, past_key_values=_fresh_cache(model), use_cache=True)
-    _synchronize(device)
+    synchronize(device)
     prefill = time.perf_counter() - started
     token = head(output.last_hidden_state[:, -1:]).argmax(-1)
-    _synchronize(device)
+    synchronize(device)
     ttft = time.perf_counter() - started
     cache = output.past_key_values
     kept = cache.mean_kept_tokens() if isinstance(cache, CompressedCache) else None
@@ -181,7 +182,7 @@ def _run(model: Any, input_ids: torch.Tensor, new_tokens: int, attention_mask: t
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
         output = decoder(token, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
         token = head(output.last_hidden_state[:, -1:]).argmax(-1)
-        _synchronize(device)
+        synchronize(device)
         steps.append(time.perf_counter() - started)
         cache = output.past_key_values
     peak = _peak_memory(device)
